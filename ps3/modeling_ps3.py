@@ -1,0 +1,557 @@
+"""PS3 vision/text models with upstream's API and checkpoint format.
+
+The encoder runs every image's low-res pass as one packed batch, plans all looks on the host
+(quotas never depend on pixel values), selects every look's patches with one sort per scale,
+and encodes all looks of all images as one packed varlen batch whose sequences attend to
+their image's low-res KV cache. Upstream instead loops over looks (and over images whenever
+their selection counts differ) and concatenates the cache onto K/V in every layer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithNoAttention
+
+from ps3_kernels import assign_looks, selection_probs, sparse_patch_embed
+from ps3_kernels.patch_embed import PatchTokens
+
+from .configuration_ps3 import PS3Config, PS3TextConfig, PS3VisionConfig
+from .convnext import ShallowConvNet
+from .selection_plan import default_quotas, plan_looks
+from .text_transformer import TextTransformer
+from .validation import LookArgs, check_images, check_look_args
+from .vit import Mlp, PackedSequences, VisionTrunk
+
+HIGHRES_SELECTION_SIZE = 1512  # upstream scores saliency on a fixed 1512x1512 view
+
+
+@dataclass
+class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
+    """Upstream's output fields. For a list input, each field is a list with one entry per
+    image, equal to that field of the image encoded alone (batch dimension 1)."""
+
+    last_hidden_state: Any = None
+    hidden_states: Any = None
+    pooled_output: Any = None
+    selection_maps: Any = None
+    selection_probs: Any = None
+    bottomup_selection_probs: Any = None
+    topdown_selection_probs: Any = None
+
+
+def _resize(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize (fp32, align_corners=False, no antialias) of same-size images, stacked."""
+    x = torch.stack(images).float()
+    return F.interpolate(x, size=size, mode="bicubic").to(images[0].dtype)
+
+
+def _group_by(keys: Sequence) -> dict:
+    """Indices of equal keys, in first-seen order (images of one size are processed together)."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+class PS3VisionEncoder(nn.Module):
+    """Upstream's ``vision_model``: trunk, selection heads, per-scale position residuals."""
+
+    def __init__(self, config: PS3VisionConfig):
+        super().__init__()
+        self.config = config
+        spec = config.trunk_spec()
+        self.spec = spec
+        self.ps3_scales = list(config.ps3_scales)
+        self._check_scales(spec.patch_size)
+        self.trunk = VisionTrunk(spec)
+        self.width = spec.width
+        self.layers = spec.depth
+        self.patch_size = spec.patch_size
+        self.num_hidden_layers_to_return = self.layers
+        self.low_res_token_num = (self.ps3_scales[0] // self.patch_size) ** 2
+        self.max_select_num_each_scale = (
+            list(config.max_select_num_each_scale)
+            if config.max_select_num_each_scale is not None
+            else default_quotas(config.max_select_num, self.ps3_scales)
+        )
+        num_high = len(self.ps3_scales) - 1
+        num_sel = len(config.select_based_on_layer)
+        if any(not 0 <= i < spec.depth for i in config.select_based_on_layer):
+            raise ValueError(f"config.select_based_on_layer={config.select_based_on_layer} must index layers 0..{spec.depth - 1}")
+        self.selection_feature_proj = Mlp(self.width * num_sel, self.width * num_sel, self.width * num_high, norm=True)
+        self.prior_prompt = nn.Parameter(torch.randn(self.width))
+        if config.separate_pos_emb:
+            self.pos_emb_residual = nn.ParameterList(
+                [nn.Parameter(torch.zeros(1, (s // self.patch_size) ** 2, self.width)) for s in self.ps3_scales[1:]]
+            )
+        if config.highres_selection_feature:
+            self.highres_selection_feature_module = ShallowConvNet(
+                config.highres_selection_module_hidden_dim,
+                config.highres_selection_module_out_dim,
+                config.highres_selection_module_depth,
+                config.highres_selection_module_kernel_size,
+            )
+            self.prompt_proj_for_highres = nn.Linear(self.width, config.highres_selection_module_out_dim * num_high)
+        self._pos_cache: dict = {}
+
+    def _check_scales(self, patch: int) -> None:
+        s = self.ps3_scales
+        if len(s) < 2:
+            raise ValueError(f"config.ps3_scales needs a low-res and at least one high-res scale, got {s}")
+        if s[0] % patch or any(x % s[0] for x in s):
+            raise ValueError(f"config.ps3_scales={s} must be multiples of the patch size {patch} and of the first scale")
+
+    # ----- geometry (host ints) -----
+
+    def image_size_scale_i(self, x: torch.Tensor | tuple[int, int], scale_idx: int) -> tuple[int, int]:
+        """Size the image is resized to at ``scale_idx``; scale 0 is always square."""
+        s0, p = self.ps3_scales[0], self.patch_size
+        if scale_idx == 0:
+            return (s0, s0)
+        h, w = x.shape[-2:] if isinstance(x, torch.Tensor) else x
+        zoom = self.ps3_scales[scale_idx] // s0
+        if h >= w:
+            return (s0 * zoom, max(int(s0 / h * w) // p, 1) * p * zoom)
+        return (max(int(s0 / w * h) // p, 1) * p * zoom, s0 * zoom)
+
+    def feature_size_scale_i(self, x: torch.Tensor | tuple[int, int], scale_idx: int) -> tuple[int, int]:
+        h, w = self.image_size_scale_i(x, scale_idx)
+        return (max(h // self.patch_size, 1), max(w // self.patch_size, 1))
+
+    def max_highres_token_num(self, x: torch.Tensor | tuple[int, int], only_select_first_n_scale=None) -> int:
+        n = len(self.ps3_scales) - 1 if only_select_first_n_scale is None else max(only_select_first_n_scale)
+        return sum(h * w for h, w in (self.feature_size_scale_i(x, i) for i in range(1, n + 1)))
+
+    # ----- position embeddings -----
+
+    def _pos_table(self, side: int) -> torch.Tensor:
+        """Trunk pos-embed resampled to a ``side x side`` grid, ``(side*side, C)``.
+
+        Cached per side length while the table cannot receive gradients; upstream resamples
+        it on every call.
+        """
+        pos = self.trunk.pos_embed
+        grid = self.trunk.grid_size
+        if side == grid:
+            return pos[0]
+        key = (side, pos.data_ptr(), pos._version, pos.dtype, pos.device)
+        cacheable = not (torch.is_grad_enabled() and pos.requires_grad)
+        if cacheable and key in self._pos_cache:
+            return self._pos_cache[key]
+        table = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(side, side), mode="bicubic", antialias=True)
+        table = table.permute(0, 2, 3, 1).reshape(side * side, -1).to(pos.dtype)
+        if cacheable:
+            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[1:] == key[1:]}
+            self._pos_cache[key] = table
+        return table
+
+    # ----- passes -----
+
+    def _low_res(self, images: list[torch.Tensor], return_kv: bool):
+        s0, g = self.ps3_scales[0], self.ps3_scales[0] // self.patch_size
+        x = torch.cat([_resize([images[i] for i in idx], (s0, s0)) for idx in _group_by([im.shape for im in images]).values()])
+        order = [i for idx in _group_by([im.shape for im in images]).values() for i in idx]
+        if order != sorted(order):
+            x = x[torch.argsort(torch.tensor(order, device=x.device))]
+        tokens = self.trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, g*g, C)
+        tokens = (tokens + self._pos_table(g)[: g * g].view(g, g, -1)[:g, :g].reshape(1, g * g, -1)).flatten(0, 1)
+        B = len(images)
+        seqs = PackedSequences.from_lengths([g * g] * B, x.device)
+        out = self.trunk(tokens, seqs, return_kv=return_kv)
+        hidden = [h.view(B, g * g, -1) for h in out.hidden_states]
+        cache = None
+        if return_kv:
+            heads, hd = self.spec.num_heads, self.spec.head_dim
+            cache = [
+                tuple(t.view(B, g * g, heads, hd).transpose(1, 2).contiguous() for t in kv) for kv in out.kv_cache
+            ]
+        return hidden, cache
+
+    def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.trunk.attn_pool(self.trunk.norm(tokens), mask)
+
+    # ----- selection -----
+
+    def _selection_probs(self, images, low_hidden, prompt, gt_maps, smooth):
+        """Per-scale selection probabilities: ``probs[s][b]`` is ``(h, w)`` of image ``b``."""
+        g = self.ps3_scales[0] // self.patch_size
+        feats = torch.cat([low_hidden[i] for i in self.config.select_based_on_layer], dim=-1)
+        feats = self.selection_feature_proj(feats)[..., : self.width]  # every scale uses the first map
+        feats = feats.transpose(1, 2).reshape(len(images), self.width, g, g)
+        highres = None
+        if self.config.highres_selection_feature:
+            size = (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)
+            groups = _group_by([im.shape for im in images])
+            views = torch.cat([_resize([images[i] for i in idx], size) for idx in groups.values()])
+            order = torch.tensor([i for idx in groups.values() for i in idx], device=views.device)
+            views = views[torch.argsort(order)]
+            highres = self.highres_selection_feature_module(views)
+
+        def probs_for(p: torch.Tensor) -> torch.Tensor:
+            hp = None
+            if highres is not None:
+                hp = self.prompt_proj_for_highres(p)[:, : self.config.highres_selection_module_out_dim]
+            return selection_probs(feats, p, highres, hp)
+
+        prior = probs_for(self.prior_prompt[None].expand(len(images), -1))
+        posterior = probs_for(prompt) if prompt is not None else None
+        chosen = posterior if posterior is not None else prior
+        return (
+            self._per_scale(images, chosen, gt_maps, smooth),
+            self._per_scale(images, prior, None, False),
+            self._per_scale(images, posterior, None, False) if posterior is not None else None,
+        )
+
+    def _per_scale(self, images, probs, gt_maps, smooth):
+        num_high = len(self.ps3_scales) - 1
+        out = [[None] * len(images) for _ in range(num_high)]
+        grids = [tuple(self.feature_size_scale_i(im, s + 1) for s in range(num_high)) for im in images]
+        for grid, idx in _group_by(grids).items():
+            p = probs[idx]
+            gt = None
+            if gt_maps is not None:
+                gt = torch.stack([gt_maps[i] for i in idx])
+                gt = F.interpolate(gt[:, None].float(), size=grid[0], mode="area")[:, 0].to(gt.dtype)
+            for s, size in enumerate(grid):
+                ps = F.interpolate(p[:, None].float(), size=size, mode="nearest")[:, 0].to(p.dtype)
+                if gt is not None:
+                    gs = F.interpolate(gt[:, None].float(), size=size, mode="nearest")[:, 0].to(gt.dtype)
+                    ps = (gs > 0) * 1 + (gs <= 0) * ps
+                if smooth:
+                    ps = F.interpolate(F.interpolate(ps[:, None], size=(6, 6), mode="area"), size=size, mode="nearest")[:, 0]
+                for j, b in enumerate(idx):
+                    out[s][b] = ps[j]
+        return out
+
+    # ----- high-res looks -----
+
+    def _select_and_pack(self, images, probs, plans):
+        """Assign patches to looks and lay out all looks' tokens as one packed batch.
+
+        Returns the per-scale look maps (``-1`` = unselected), the packed tokens' patch
+        coordinates (sequence-major, then scale, then raster) and the sequence lengths.
+        """
+        device = probs[0][0].device
+        B, num_high = len(images), len(self.ps3_scales) - 1
+        grids = [[self.feature_size_scale_i(im, s + 1) for s in range(num_high)] for im in images]
+        n_max = [max(grids[b][s][0] * grids[b][s][1] for b in range(B)) for s in range(num_high)]
+        max_looks = max((len(p) for p in plans), default=0)
+        look_maps = []
+        for s in range(num_high):
+            flat = torch.full((B, n_max[s]), float("-inf"), device=device, dtype=probs[s][0].dtype)
+            for b in range(B):  # host loop over tiny (h, w) maps only; no sync
+                flat[b, : probs[s][b].numel()] = probs[s][b].flatten()
+            quotas = torch.tensor([[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans], dtype=torch.long)
+            look_maps.append(assign_looks(flat, quotas.to(device, non_blocking=True)))
+
+        seq_image = [b for b in range(B) for _ in plans[b]]
+        seq_base = torch.tensor([0] + [len(p) for p in plans], dtype=torch.long).cumsum(0)[:-1].to(device)
+        lengths = [sum(look) for p in plans for look in p]
+        stride = sum(n_max)
+        scale_off = [sum(n_max[:s]) for s in range(num_high)]
+        keys = []
+        for s in range(num_high):
+            look = look_maps[s]
+            pos = torch.arange(n_max[s], device=device)
+            seq = seq_base[:, None] + look
+            keys.append(torch.where(look >= 0, seq * stride + scale_off[s] + pos, torch.full_like(look, torch.iinfo(torch.long).max)))
+        total = sum(lengths)
+        packed = torch.sort(torch.cat(keys, dim=1).flatten()).values[:total]
+        seq, rem = packed // stride, packed % stride
+        scale_off_t = torch.tensor(scale_off, device=device)
+        scale = torch.searchsorted(scale_off_t, rem, right=True) - 1
+        pos = rem - scale_off_t[scale]
+        image = torch.tensor(seq_image, dtype=torch.long).to(device)[seq] if total else seq
+        width = torch.tensor([[gw for _, gw in grids[b]] for b in range(B)], device=device)
+        w = width[image, scale]
+        tokens = PatchTokens(image=image, scale=scale, row=pos // w, col=pos % w)
+        return look_maps, tokens, lengths, seq_image, grids, scale_off, stride
+
+    def _embed_tokens(self, images, tokens: PatchTokens, grids):
+        B, num_high, p = len(images), len(self.ps3_scales) - 1, self.patch_size
+        device = self.trunk.pos_embed.device
+        sides = sorted({max(g) for gb in grids for g in gb})
+        side_off = {}
+        tables = []
+        for side in sides:
+            side_off[side] = sum(t.shape[0] for t in tables)
+            tables.append(self._pos_table(side))
+        pos_table = torch.cat(tables)
+        side_t = torch.tensor([[max(grids[b][s]) for s in range(num_high)] for b in range(B)], device=device)
+        off_t = torch.tensor([[side_off[max(grids[b][s])] for s in range(num_high)] for b in range(B)], device=device)
+        pos_index = off_t[tokens.image, tokens.scale] + tokens.row * side_t[tokens.image, tokens.scale] + tokens.col
+        res_table = res_index = None
+        if self.config.separate_pos_emb:
+            res_table = torch.cat([r[0] for r in self.pos_emb_residual])
+            full = [s // p for s in self.ps3_scales[1:]]
+            res_off = torch.tensor([sum(f * f for f in full[:s]) for s in range(num_high)], device=device)
+            res_side = torch.tensor(full, device=device)
+            res_index = res_off[tokens.scale] + tokens.row * res_side[tokens.scale] + tokens.col
+        sizes = [[self.image_size_scale_i(im, s + 1) for s in range(num_high)] for im in images]
+        proj = self.trunk.patch_embed.proj
+        return sparse_patch_embed(list(images), sizes, tokens, proj.weight, proj.bias, pos_table, pos_index, res_table, res_index)
+
+    # ----- feature maps -----
+
+    def format_features_into_feature_maps(self, features: torch.Tensor, selection_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scatter ``(B, N, C)`` features (low-res first) into zero-filled ``(B, C, h, w)`` maps per scale."""
+        B, N, C = features.shape
+        g = int(round(self.low_res_token_num**0.5))
+        masks = [torch.ones(B, g, g, device=features.device, dtype=torch.bool)] + [m.bool() for m in selection_maps]
+        flat = torch.cat([m.flatten(1) for m in masks], dim=1)
+        if flat.shape[0] != B:
+            raise ValueError(f"selection_maps have batch {flat.shape[0]}, features have {B}")
+        counts = flat.sum(1)
+        if not torch.all(counts == N):
+            raise ValueError(f"features has {N} tokens per image but the selection maps select {counts.tolist()}")
+        full = features.new_zeros(B, flat.shape[1], C)
+        full[flat] = features.reshape(-1, C)
+        maps = []
+        for part, m in zip(full.split([m[0].numel() for m in masks], dim=1), masks):
+            maps.append(part.transpose(1, 2).reshape(B, C, *m.shape[1:]))
+        return maps
+
+    # ----- forward -----
+
+    def forward(
+        self,
+        x,
+        prompt: torch.Tensor | None = None,
+        gt_selection_maps=None,
+        is_global_text: torch.Tensor | None = None,
+        output_hidden_states: bool = True,
+        pool_gt_token_only: bool = False,
+        num_look_close=None,
+        num_token_look_close=None,
+        smooth_selection_prob: bool = False,
+        only_select_first_n_scale=None,
+    ) -> PS3VisionModelOutput:
+        images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
+        args = check_look_args(
+            len(images), self.width, len(self.ps3_scales) - 1, images, prompt, gt_selection_maps, is_global_text,
+            output_hidden_states, pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
+        )
+        B = len(images)
+        no_look = output_hidden_states and (num_look_close == 0 or num_token_look_close == 0)
+        low_hidden, cache = self._low_res(images, return_kv=not no_look)
+        probs, prior, posterior = self._selection_probs(images, low_hidden, args.prompt, args.gt_maps, smooth_selection_prob)
+
+        if no_look:
+            return self._finish(batched, B, last_hidden_state=[low_hidden[-1][b : b + 1] for b in range(B)],
+                                hidden_states=[[h[b : b + 1] for h in low_hidden] for b in range(B)],
+                                selection_probs=probs, bottomup=prior, topdown=posterior)
+
+        plans = self._plans(images, args, output_hidden_states, batched)
+        look_maps, tokens, lengths, seq_image, grids, scale_off, stride = self._select_and_pack(images, probs, plans)
+        embedded = self._embed_tokens(images, tokens, grids)
+        seqs = PackedSequences.from_lengths(lengths, embedded.device, prefix_index=seq_image)
+        keep = self.num_hidden_layers_to_return if output_hidden_states else 1
+        high = self.trunk(embedded, seqs, prefix=cache, keep_layers=keep)
+
+        # Union of looks, per image in (scale, raster) order: upstream's output layout.
+        scale_off_t = torch.tensor(scale_off, device=embedded.device)
+        order = torch.argsort(tokens.image * stride + scale_off_t[tokens.scale] + self._raster(tokens, grids))
+        counts = [sum(sum(look) for look in plans[b]) for b in range(B)]
+        maps = [[(look_maps[s][b, : grids[b][s][0] * grids[b][s][1]] >= 0).to(probs[s][b].dtype).view(*grids[b][s]) for s in range(len(grids[b]))] for b in range(B)]
+        hidden = [h[order].split(counts) for h in high.hidden_states]
+
+        if output_hidden_states:
+            low_keep = low_hidden[len(low_hidden) - keep :]
+            per_image = [[torch.cat([lo[b], hi[b]], dim=0)[None] for lo, hi in zip(low_keep, hidden)] for b in range(B)]
+            return self._finish(batched, B, last_hidden_state=[h[-1] for h in per_image], hidden_states=per_image,
+                                selection_maps=maps, selection_probs=probs, bottomup=prior, topdown=posterior)
+
+        pooled = self._pooled(images, hidden[-1], tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only)
+        if args.is_global_text is not None:
+            low_pooled = self._pool(low_hidden[-1])
+            pooled = torch.where(args.is_global_text, low_pooled, pooled)
+        return self._finish(batched, B, pooled_output=[pooled[b : b + 1] for b in range(B)], selection_maps=maps,
+                            selection_probs=probs, bottomup=prior, topdown=posterior)
+
+    @staticmethod
+    def _raster(tokens: PatchTokens, grids) -> torch.Tensor:
+        width = torch.tensor([[gw for _, gw in gb] for gb in grids], device=tokens.image.device)
+        return tokens.row * width[tokens.image, tokens.scale] + tokens.col
+
+    def _plans(self, images, args: LookArgs, output_hidden_states: bool, batched: bool):
+        first_n = args.first_n
+        limit = max(first_n) if (batched and first_n is not None) else None
+        plans = []
+        for b, im in enumerate(images):
+            n = [h * w for h, w in (self.feature_size_scale_i(im, s) for s in range(1, len(self.ps3_scales)))]
+            if output_hidden_states:
+                tokens = args.num_token_look_close[b] if isinstance(args.num_token_look_close, list) else args.num_token_look_close
+                plan = plan_looks(n, self.max_select_num_each_scale, args.num_look_close, tokens,
+                                  first_n[b] if first_n is not None else None, limit)
+            else:
+                plan = plan_looks(n, self.max_select_num_each_scale, 1, None)[:1]
+            plans.append(plan)
+        return plans
+
+    def _pooled(self, images, last, tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only):
+        """MAP-pool each image's high-res tokens (upstream's pre-training output)."""
+        B = len(images)
+        n = max(counts)
+        padded = last[0].new_zeros(B, n, last[0].shape[-1])
+        valid = torch.zeros(B, n, dtype=torch.bool, device=padded.device)
+        for b in range(B):
+            padded[b, : counts[b]] = last[b]
+            valid[b, : counts[b]] = True
+        mask = valid
+        if pool_gt_token_only:
+            gt_flat = torch.zeros(B, stride, device=padded.device)
+            for b in range(B):
+                gt = args.gt_maps[b]
+                for s, size in enumerate(grids[b]):
+                    m = F.interpolate(gt[None, None].float(), size=size, mode="area")[0, 0].to(gt.dtype)
+                    gt_flat[b, scale_off[s] : scale_off[s] + m.numel()] = m.flatten().float()
+            sel = gt_flat[tokens.image[order], torch.tensor(scale_off, device=padded.device)[tokens.scale[order]] + self._raster(tokens, grids)[order]]
+            gt_mask = torch.zeros(B, n, dtype=torch.bool, device=padded.device)
+            for b, part in enumerate(sel.split(counts)):
+                gt_mask[b, : counts[b]] = part != 0
+            empty = ~gt_mask.any(dim=1, keepdim=True)
+            mask = torch.where(empty, valid, gt_mask)
+        return self._pool(padded, mask)
+
+    def _finish(self, batched, B, last_hidden_state=None, hidden_states=None, pooled_output=None,
+                selection_maps=None, selection_probs=None, bottomup=None, topdown=None) -> PS3VisionModelOutput:
+        """Per-image pieces -> upstream's batched layout (tensor input) or per-image lists."""
+        def probs_of(p, b):
+            return None if p is None else [s[b][None] for s in p]
+
+        def maps_of(b):
+            return None if selection_maps is None else [m[None] for m in selection_maps[b]]
+
+        if not batched:
+            return PS3VisionModelOutput(
+                last_hidden_state=last_hidden_state,
+                hidden_states=hidden_states,
+                pooled_output=pooled_output,
+                selection_maps=None if selection_maps is None else [maps_of(b) for b in range(B)],
+                selection_probs=[probs_of(selection_probs, b) for b in range(B)],
+                bottomup_selection_probs=[probs_of(bottomup, b) for b in range(B)],
+                topdown_selection_probs=None if topdown is None else [probs_of(topdown, b) for b in range(B)],
+            )
+
+        def cat(items):
+            return None if items is None else torch.cat(items)
+
+        def cat_scales(p):
+            return None if p is None else [torch.stack(s) for s in p]
+
+        return PS3VisionModelOutput(
+            last_hidden_state=cat(last_hidden_state),
+            hidden_states=None if hidden_states is None else [torch.cat(layer) for layer in zip(*hidden_states)],
+            pooled_output=cat(pooled_output),
+            selection_maps=None if selection_maps is None else [torch.stack(s) for s in zip(*selection_maps)],
+            selection_probs=cat_scales(selection_probs),
+            bottomup_selection_probs=cat_scales(bottomup),
+            topdown_selection_probs=cat_scales(topdown),
+        )
+
+
+class PS3PreTrainedModel(PreTrainedModel):
+    """Loading/saving in upstream's format; missing or unexpected weights are an error."""
+
+    config_class = PS3Config
+    base_model_prefix = "ps3"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PS3VisionEncoder"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Modules initialise themselves; checkpoints overwrite everything."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        wants_info = kwargs.pop("output_loading_info", False)
+        if "torch_dtype" in kwargs and "dtype" not in kwargs:
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {k: v for k, v in problems.items() if v}
+        if problems:
+            raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} does not match {cls.__name__}: {problems}")
+        return (model, info) if wants_info else model
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        for module in self.modules():
+            if isinstance(module, VisionTrunk):
+                module.grad_checkpointing = enable
+
+
+class PS3VisionModel(PS3PreTrainedModel):
+    config_class = PS3VisionConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: PS3VisionConfig):
+        super().__init__(config)
+        self.vision_model = PS3VisionEncoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values,
+        num_look_close=None,
+        num_token_look_close=None,
+        prompt=None,
+        gt_selection_maps=None,
+        smooth_selection_prob=False,
+        only_select_first_n_scale=None,
+        is_global_text=None,
+        pool_gt_token_only=False,
+        output_hidden_states=True,
+    ) -> PS3VisionModelOutput:
+        """Encode images: the low-res view, then ``num_look_close`` high-res looks.
+
+        ``pixel_values`` is ``(B, 3, H, W)`` or a list of ``(3, H, W)`` images of any sizes
+        (encoded as one packed batch; outputs are then per-image lists). See the README for
+        every argument; they mean what they mean upstream.
+        """
+        return self.vision_model(
+            pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps, is_global_text=is_global_text,
+            output_hidden_states=output_hidden_states, pool_gt_token_only=pool_gt_token_only,
+            num_look_close=num_look_close, num_token_look_close=num_token_look_close,
+            smooth_selection_prob=smooth_selection_prob, only_select_first_n_scale=only_select_first_n_scale,
+        )
+
+
+class PS3TextModel(PS3PreTrainedModel):
+    config_class = PS3TextConfig
+    main_input_name = "text"
+
+    def __init__(self, config: PS3TextConfig):
+        super().__init__(config)
+        self.text_model = TextTransformer(config)
+        self.post_init()
+
+    def forward(self, text: torch.Tensor):
+        return self.text_model(text)
+
+
+class PS3Model(PS3PreTrainedModel):
+    config_class = PS3Config
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: PS3Config):
+        super().__init__(config)
+        if not isinstance(config.text_config, PS3TextConfig) or not isinstance(config.vision_config, PS3VisionConfig):
+            raise TypeError("PS3Config needs a PS3TextConfig text_config and a PS3VisionConfig vision_config")
+        self.text_model = TextTransformer(config.text_config)
+        self.vision_model = PS3VisionEncoder(config.vision_config)
+        self.post_init()
+
+    def encode_text(self, text: torch.Tensor):
+        return self.text_model(text)
+
+    def encode_image(self, pixel_values, **kwargs) -> PS3VisionModelOutput:
+        """Same arguments as :meth:`PS3VisionModel.forward`."""
+        return PS3VisionModel.forward(self, pixel_values, **kwargs)

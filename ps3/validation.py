@@ -1,0 +1,110 @@
+"""Argument checks for the vision forward: clear errors instead of upstream's asserts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LookArgs:
+    prompt: torch.Tensor | None
+    gt_maps: list[torch.Tensor] | None
+    is_global_text: torch.Tensor | None
+    num_look_close: int | str | None
+    num_token_look_close: int | str | list[int] | None
+    first_n: list[int] | None
+
+
+def check_images(x, low_res: int, patch: int) -> tuple[list[torch.Tensor], bool]:
+    """Images as a list of ``(3, H, W)`` tensors, and whether the input was one batch tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"pixel_values must be a (B, 3, H, W) tensor or a list of (3, H, W) tensors, got shape {tuple(x.shape)}")
+        images, batched = list(x.unbind(0)), True
+    elif isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("pixel_values is an empty list")
+        images = []
+        for i, im in enumerate(x):
+            if not isinstance(im, torch.Tensor):
+                raise TypeError(f"pixel_values[{i}] must be a tensor, got {type(im).__name__}")
+            if im.dim() == 4 and im.shape[0] == 1:
+                im = im[0]
+            if im.dim() != 3:
+                raise ValueError(f"pixel_values[{i}] must be (3, H, W), got shape {tuple(im.shape)}")
+            images.append(im)
+        batched = False
+    else:
+        raise TypeError(f"pixel_values must be a tensor or a list of tensors, got {type(x).__name__}")
+    if not images:
+        raise ValueError("pixel_values holds no image")
+    for i, im in enumerate(images):
+        if im.shape[0] != 3:
+            raise ValueError(f"pixel_values[{i}] must have 3 channels, got {im.shape[0]}")
+        if not im.is_floating_point():
+            raise TypeError(f"pixel_values must be floating point (normalized pixels), got {im.dtype}")
+        if max(im.shape[1:]) < low_res or min(im.shape[1:]) < 1:
+            raise ValueError(
+                f"pixel_values[{i}] is {tuple(im.shape[1:])}; its longer side must be at least the low-res scale {low_res}"
+            )
+        if im.device != images[0].device or im.dtype != images[0].dtype:
+            raise ValueError("all images in pixel_values must share one device and dtype")
+    return images, batched
+
+
+def _check_look_count(name: str, value, allow_list: bool, batch: int):
+    if value is None or value == "all":
+        return value
+    if allow_list and isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise ValueError(f"{name} as a list needs one entry per image ({batch}), got {len(value)}")
+        return [_check_look_count(name, v, False, batch) for v in value]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 or 'all'{' or a per-image list' if allow_list else ''}, got {value!r}")
+    return value
+
+
+def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
+    if isinstance(gt, torch.Tensor):
+        if gt.dim() != 3 or gt.shape[0] != batch:
+            raise ValueError(f"gt_selection_maps must be a (B={batch}, H, W) tensor, got shape {tuple(gt.shape)}")
+        return list(gt.unbind(0))
+    if isinstance(gt, (list, tuple)) and len(gt) == batch and all(isinstance(g, torch.Tensor) and g.dim() == 2 for g in gt):
+        return list(gt)
+    raise ValueError(f"gt_selection_maps must be a (B={batch}, H, W) tensor or a list of {batch} (H, W) tensors")
+
+
+def check_look_args(
+    batch, width, num_high, images, prompt, gt_selection_maps, is_global_text, output_hidden_states,
+    pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
+) -> LookArgs:
+    if prompt is not None:
+        if not isinstance(prompt, torch.Tensor) or prompt.shape != (batch, width):
+            shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt must be a (B={batch}, {width}) tensor, got {shape}")
+        prompt = prompt.to(images[0].dtype)
+    num_look_close = _check_look_count("num_look_close", num_look_close, False, batch)
+    num_token_look_close = _check_look_count("num_token_look_close", num_token_look_close, True, batch)
+    if num_look_close is not None and num_token_look_close is not None:
+        raise ValueError("give only one of num_look_close and num_token_look_close")
+    first_n = only_select_first_n_scale
+    if first_n is not None:
+        values = list(first_n) if isinstance(first_n, (list, tuple)) else [first_n] * batch
+        if len(values) != batch or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= num_high for v in values):
+            raise ValueError(f"only_select_first_n_scale must be an int in [1, {num_high}] or a list of {batch} such ints, got {first_n!r}")
+        first_n = values
+    if output_hidden_states:
+        if num_look_close is None and num_token_look_close is None:
+            raise ValueError("output_hidden_states=True needs num_look_close or num_token_look_close")
+    elif num_look_close is not None or num_token_look_close is not None or first_n is not None:
+        raise ValueError("output_hidden_states=False (pre-training mode) takes no num_look_close, num_token_look_close or only_select_first_n_scale")
+    gt_maps = _check_gt_maps(gt_selection_maps, batch) if gt_selection_maps is not None else None
+    if pool_gt_token_only and (gt_maps is None or output_hidden_states):
+        raise ValueError("pool_gt_token_only needs gt_selection_maps and output_hidden_states=False")
+    if is_global_text is not None:
+        if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != batch:
+            raise ValueError(f"is_global_text must be a tensor with one entry per image ({batch})")
+        is_global_text = is_global_text.reshape(batch, 1).bool()
+    return LookArgs(prompt, gt_maps, is_global_text, num_look_close, num_token_look_close, first_n)

@@ -1,0 +1,170 @@
+"""The SigLIP-style ViT trunk of PS3, with timm's parameter names so checkpoints load.
+
+Unlike timm's ``VisionTransformer`` it runs on *packed* token sequences: ``x`` is
+``(total_tokens, width)`` and ``cu_seqlens`` splits it into sequences (one per image for the
+low-res pass, one per image and look for the high-res passes), each attending to an optional
+per-layer key/value prefix (the low-res cache of its image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ps3_kernels import varlen_prefix_attention
+
+from .configuration_ps3 import TrunkSpec
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact erf) -> [LayerNorm] -> fc2, timm's ``Mlp`` names."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, norm: bool = False, norm_eps: float = 1e-5):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(hidden_features, eps=norm_eps) if norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+@dataclass
+class PackedSequences:
+    """Varlen metadata of a packed batch (flash-attn convention).
+
+    ``cu_seqlens`` lives on the tokens' device; ``max_seqlen`` is a host int so attention
+    needs no device sync. ``prefix_index[s]`` names the low-res cache row of sequence ``s``.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    prefix_index: torch.Tensor | None = None
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device, prefix_index: list[int] | None = None) -> "PackedSequences":
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+        index = None
+        if prefix_index is not None:
+            index = torch.tensor(prefix_index, dtype=torch.int32).to(device, non_blocking=True)
+        return cls(cu_seqlens, max(lengths, default=0), index)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, seqs: PackedSequences, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Returns the output and this layer's ``(k, v)`` as ``(total, heads, head_dim)``."""
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        prefix_k, prefix_v = prefix if prefix is not None else (None, None)
+        out = varlen_prefix_attention(
+            q, k, v, seqs.cu_seqlens, prefix_k, prefix_v,
+            prefix_index=seqs.prefix_index if prefix is not None else None,
+            max_seqlen=seqs.max_seqlen,
+        )
+        return self.proj(out.reshape(x.shape[0], -1)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: TrunkSpec):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.attn = Attention(spec.width, spec.num_heads)
+        self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.mlp = Mlp(spec.width, spec.mlp_hidden)
+
+    def forward(self, x, seqs, prefix=None):
+        attn_out, kv = self.attn(self.norm1(x), seqs, prefix)
+        x = x + attn_out
+        x = x + self.mlp(self.norm2(x))
+        return x, kv
+
+
+class AttentionPoolLatent(nn.Module):
+    """MAP head: one learned query attends over the tokens, then a residual MLP."""
+
+    def __init__(self, spec: TrunkSpec):
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.head_dim = spec.head_dim
+        self.latent = nn.Parameter(torch.zeros(1, 1, spec.width))
+        self.q = nn.Linear(spec.width, spec.width)
+        self.kv = nn.Linear(spec.width, spec.width * 2)
+        self.proj = nn.Linear(spec.width, spec.width)
+        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.mlp = Mlp(spec.width, spec.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: (B, N, C); ``mask``: (B, N) bool of the tokens to pool over, or None."""
+        B, N, C = x.shape
+        q = self.q(self.latent).view(1, self.num_heads, 1, self.head_dim).expand(B, -1, -1, -1)
+        k, v = self.kv(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn_mask = mask.view(B, 1, 1, N) if mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, C))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, spec: TrunkSpec):
+        super().__init__()
+        self.patch_size = spec.patch_size
+        self.proj = nn.Conv2d(3, spec.width, kernel_size=spec.patch_size, stride=spec.patch_size)
+
+
+@dataclass
+class TrunkOutput:
+    hidden_states: list[torch.Tensor]  # one (total, C) tensor per kept layer
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (k, v), (total, H, D)
+
+
+class VisionTrunk(nn.Module):
+    """timm-named ViT trunk: ``patch_embed``, ``pos_embed``, ``blocks``, ``norm``, ``attn_pool``."""
+
+    def __init__(self, spec: TrunkSpec):
+        super().__init__()
+        self.spec = spec
+        self.patch_embed = PatchEmbed(spec)
+        self.grid_size = spec.img_size // spec.patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, spec.width))
+        self.blocks = nn.ModuleList([Block(spec) for _ in range(spec.depth)])
+        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.attn_pool = AttentionPoolLatent(spec)
+        self.grad_checkpointing = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seqs: PackedSequences,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        keep_layers: int | None = None,
+        return_kv: bool = False,
+    ) -> TrunkOutput:
+        """Run every block on packed tokens ``x``; keep the last ``keep_layers`` outputs."""
+        depth = len(self.blocks)
+        keep_from = 0 if keep_layers is None else depth - keep_layers
+        hidden, kv_cache = [], []
+        for i, blk in enumerate(self.blocks):
+            layer_prefix = prefix[i] if prefix is not None else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = torch.utils.checkpoint.checkpoint(blk, x, seqs, layer_prefix, use_reentrant=False)
+            else:
+                x, kv = blk(x, seqs, layer_prefix)
+            if i >= keep_from:
+                hidden.append(x)
+            if return_kv:
+                kv_cache.append(kv)
+        return TrunkOutput(hidden, kv_cache if return_kv else None)

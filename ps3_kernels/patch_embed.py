@@ -1,0 +1,115 @@
+"""Sparse patch gather + embed: tokens for only the selected high-res patches.
+
+For every selected patch (image ``b``, scale ``s``, grid cell ``(row, col)``) the token is
+``unfold(resize(image_b, size[b][s]))[cell] @ W^T + bias + pos_table[pos_index] (+ res_table[res_index])``
+where ``resize`` is ``F.interpolate(mode="bicubic", align_corners=False)`` computed in fp32,
+as upstream PS3 tokenises. The reference below materialises each resized image once per call
+(what upstream does); the Triton path samples the selected patches' pixels directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .backend import resolve_backend
+
+
+@dataclass
+class PatchTokens:
+    """Which patches to embed, packed in output order. All ``(T,)`` int64 on one device."""
+
+    image: torch.Tensor
+    scale: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.image.numel()
+
+
+def _check(images, resized_sizes, tokens, weight, pos_table, pos_index, res_table, res_index):
+    if not isinstance(images, (list, tuple)) or not all(isinstance(im, torch.Tensor) and im.dim() == 3 for im in images):
+        raise TypeError("images must be a list of (C, H, W) tensors")
+    if len(resized_sizes) != len(images):
+        raise ValueError(f"resized_sizes needs one entry per image ({len(images)}), got {len(resized_sizes)}")
+    if weight.dim() != 4 or weight.shape[1] != images[0].shape[0] if images else False:
+        raise ValueError(f"weight must be (C_out, {images[0].shape[0]}, p, p), got {tuple(weight.shape)}")
+    n = len(tokens)
+    if pos_index.shape != (n,) or (res_index is not None and res_index.shape != (n,)):
+        raise ValueError("pos_index / res_index must have one entry per token")
+    if (res_table is None) != (res_index is None):
+        raise ValueError("res_table and res_index must be given together")
+
+
+def sparse_patch_embed_reference(
+    images: Sequence[torch.Tensor],
+    resized_sizes: Sequence[Sequence[tuple[int, int]]],
+    tokens: PatchTokens,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_table: torch.Tensor,
+    pos_index: torch.Tensor,
+    res_table: torch.Tensor | None = None,
+    res_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch reference: resize, unfold every patch, gather the selected ones."""
+    p = weight.shape[-1]
+    num_scales = max(len(s) for s in resized_sizes) if resized_sizes else 0
+    tables, offsets, offset = [], [], 0
+    for image, sizes in zip(images, resized_sizes):
+        row_offsets = []
+        for size in sizes:
+            resized = F.interpolate(image[None].float(), size=tuple(size), mode="bicubic", align_corners=False)
+            patches = F.unfold(resized.to(image.dtype), kernel_size=p, stride=p)[0].t()  # (n, C*p*p)
+            tables.append(patches)
+            row_offsets.append(offset)
+            offset += patches.shape[0]
+        offsets.append(row_offsets + [0] * (num_scales - len(row_offsets)))
+    device = weight.device
+    if len(tokens) == 0:
+        return weight.new_zeros(0, weight.shape[0])
+    table = torch.cat(tables).to(device)
+    grid_w = torch.tensor([[s[1] // p for s in sizes] + [1] * (num_scales - len(sizes)) for sizes in resized_sizes], device=device)
+    base = torch.tensor(offsets, device=device)
+    patch_row = base[tokens.image, tokens.scale] + tokens.row * grid_w[tokens.image, tokens.scale] + tokens.col
+    out = table[patch_row] @ weight.reshape(weight.shape[0], -1).t()
+    if bias is not None:
+        out = out + bias
+    out = out + pos_table[pos_index]
+    if res_table is not None:
+        out = out + res_table[res_index]
+    return out
+
+
+def sparse_patch_embed(
+    images: Sequence[torch.Tensor],
+    resized_sizes: Sequence[Sequence[tuple[int, int]]],
+    tokens: PatchTokens,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_table: torch.Tensor,
+    pos_index: torch.Tensor,
+    res_table: torch.Tensor | None = None,
+    res_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Embed the selected patches of ``images`` at their scales; returns ``(T, C_out)``.
+
+    Args:
+        images: ``B`` tensors ``(3, H_b, W_b)`` (sizes may differ).
+        resized_sizes: ``resized_sizes[b][s]`` is the ``(H', W')`` image ``b`` is resized to
+            at high-res scale ``s`` (multiples of the patch size).
+        tokens: the selected patches, in output order.
+        weight, bias: the patch-embed convolution, ``(C_out, 3, p, p)`` and ``(C_out,)``.
+        pos_table, pos_index: absolute position-embedding rows added to each token.
+        res_table, res_index: optional second table (PS3's per-scale ``pos_emb_residual``).
+    """
+    _check(images, resized_sizes, tokens, weight, pos_table, pos_index, res_table, res_index)
+    if resolve_backend(weight, *images) == "triton":
+        from .triton.patch_embed import sparse_patch_embed_triton
+
+        return sparse_patch_embed_triton(images, resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table, res_index)
+    return sparse_patch_embed_reference(images, resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table, res_index)

@@ -1,0 +1,42 @@
+"""Shared test utilities: error metrics, fixture loading, tiny random PS3 models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error in float64; NaN or shape mismatch never passes."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def load_case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = json.loads((FIXTURES / "cases" / f"{name}.json").read_text())
+    return meta, load_file(str(FIXTURES / "cases" / f"{name}.safetensors"))
+
+
+def case_names() -> list[str]:
+    return sorted(p.stem for p in (FIXTURES / "cases").glob("*.json"))
+
+
+def tiny_vision_config(**overrides):
+    from ps3 import PS3VisionConfig
+
+    kwargs = dict(
+        model_name="tiny_test_vit", hidden_size=64, depth=4, num_heads=2, mlp_ratio=2.0, patch_size=14,
+        ps3_scales=[56, 112, 224], select_based_on_layer=[0, 1, 3], max_select_num=20,
+        highres_selection_module_hidden_dim=16, highres_selection_module_out_dim=16, highres_selection_module_depth=1,
+    )
+    kwargs.update(overrides)
+    return PS3VisionConfig(**kwargs)

@@ -1,0 +1,182 @@
+"""Model behaviour beyond the upstream fixtures: mixed-size batches, dtypes, loading, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ps3 import PS3VisionConfig, PS3VisionModel
+from ps3.demo import randomize_parameters_
+from ps3_kernels import use_backend
+
+from helpers import rel_err, tiny_vision_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=1).eval()
+
+
+def images(*sizes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=gen) for h, w in sizes]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_look_close=2),
+    dict(num_look_close="all"),
+    dict(num_token_look_close=[7, 30, 1]),
+    dict(num_look_close=1, only_select_first_n_scale=[1, 2, 1]),
+])
+def test_mixed_size_list_equals_each_image_alone(model, kwargs):
+    ims = images((240, 200), (120, 300), (224, 224))
+    with torch.no_grad(), use_backend("torch"):
+        packed = model(ims, **kwargs)
+        for b, im in enumerate(ims):
+            one = {k: (v[b] if isinstance(v, list) else v) for k, v in kwargs.items()}
+            if "only_select_first_n_scale" in one:
+                one["only_select_first_n_scale"] = [one["only_select_first_n_scale"]]
+            alone = model(im[None], **one)
+            assert rel_err(packed.last_hidden_state[b], alone.last_hidden_state) < 1e-5
+            for got, ref in zip(packed.hidden_states[b], alone.hidden_states):
+                assert rel_err(got, ref) < 1e-5
+            for got, ref in zip(packed.selection_maps[b], alone.selection_maps):
+                assert torch.equal(got, ref)
+            for got, ref in zip(packed.selection_probs[b], alone.selection_probs):
+                assert rel_err(got, ref) < 1e-6  # batch size changes matmul rounding only
+
+
+def test_list_of_same_size_matches_batch_tensor(model):
+    x = torch.stack(images((200, 240), (200, 240), seed=3))
+    prompt = torch.randn(2, 64)
+    with torch.no_grad():
+        batch = model(x, num_look_close=2, prompt=prompt)
+        listed = model(list(x), num_look_close=2, prompt=prompt)
+    for b in range(2):
+        assert rel_err(listed.last_hidden_state[b], batch.last_hidden_state[b : b + 1]) < 1e-6
+
+
+def test_pooled_mode_with_mixed_sizes(model):
+    ims = images((240, 200), (224, 224))
+    with torch.no_grad():
+        packed = model(ims, output_hidden_states=False, is_global_text=torch.tensor([False, True]))
+        alone = model(ims[0][None], output_hidden_states=False)
+    assert rel_err(packed.pooled_output[0], alone.pooled_output) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_close_to_fp32(model, dtype):
+    x = torch.stack(images((224, 224), (224, 224), seed=5))
+    with torch.no_grad():
+        ref = model(x, num_look_close=1)
+        low = model.to(dtype)(x.to(dtype), num_look_close=1)
+    model.float()
+    assert low.last_hidden_state.dtype == dtype
+    assert torch.isfinite(low.last_hidden_state).all()
+    # Selections can differ where probabilities are near-ties; the low-res tokens cannot.
+    assert rel_err(low.last_hidden_state[:, :16], ref.last_hidden_state[:, :16]) < 5e-2
+
+
+def test_look_counts_and_feature_maps(model):
+    x = torch.stack(images((224, 224), (224, 224), seed=6))
+    enc = model.vision_model
+    with torch.no_grad():
+        out = model(x, num_look_close="all")
+    assert out.last_hidden_state.shape[1] == 16 + 64 + 256
+    assert all(bool(m.all()) for m in out.selection_maps)
+    maps = enc.format_features_into_feature_maps(out.last_hidden_state, out.selection_maps)
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 4, 4), (2, 64, 8, 8), (2, 64, 16, 16)]
+    assert torch.equal(maps[0].flatten(2).transpose(1, 2), out.last_hidden_state[:, :16])
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = PS3VisionModel.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.stack(images((224, 224), seed=7))
+    with torch.no_grad():
+        assert torch.equal(model(x, num_look_close=1).last_hidden_state, loaded(x, num_look_close=1).last_hidden_state)
+    assert PS3VisionModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_loading_mismatched_checkpoint_lists_the_weights(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    other = tiny_vision_config(separate_pos_emb=False, highres_selection_feature=False)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pos_emb_residual"):
+        PS3VisionModel.from_pretrained(tmp_path)
+
+
+def test_auto_classes_resolve(model, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PS3VisionConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), PS3VisionModel)
+
+
+def test_caller_tensors_not_mutated(model):
+    x = torch.stack(images((224, 224), (224, 224), seed=8))
+    gt = torch.zeros(2, 10, 10)
+    gt[:, :3, :3] = 1
+    prompt = torch.randn(2, 64)
+    copies = [t.clone() for t in (x, gt, prompt)]
+    with torch.no_grad():
+        model(x, output_hidden_states=False, gt_selection_maps=gt, pool_gt_token_only=True, prompt=prompt)
+    for t, c in zip((x, gt, prompt), copies):
+        assert torch.equal(t, c)
+
+
+def test_gradients_flow_to_all_trunk_parameters(model):
+    x = torch.stack(images((224, 224), seed=9))
+    model.train()
+    try:
+        out = model(x, num_look_close=1)
+        out.last_hidden_state.square().mean().backward()
+    finally:
+        model.eval()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("vision_model.trunk.blocks")}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.zero_grad(set_to_none=True)
+
+
+BAD_INPUTS = [
+    (dict(pixel_values=torch.randn(3, 224, 224)), ValueError, "pixel_values"),
+    (dict(pixel_values=torch.randn(1, 4, 224, 224)), ValueError, "3 channels"),
+    (dict(pixel_values=torch.randn(1, 3, 40, 40)), ValueError, "low-res scale"),
+    (dict(pixel_values=torch.zeros(1, 3, 224, 224, dtype=torch.uint8)), TypeError, "floating point"),
+    (dict(prompt=torch.randn(1, 63)), ValueError, "prompt"),
+    (dict(prompt=torch.randn(2, 64)), ValueError, "prompt"),
+    (dict(num_look_close=-1), ValueError, "num_look_close"),
+    (dict(num_look_close=1.5), ValueError, "num_look_close"),
+    (dict(num_look_close="some"), ValueError, "num_look_close"),
+    (dict(num_look_close=1, num_token_look_close=5), ValueError, "only one"),
+    (dict(num_look_close=None), ValueError, "num_look_close or num_token_look_close"),
+    (dict(gt_selection_maps=torch.ones(1, 1, 8, 8)), ValueError, "gt_selection_maps"),
+    (dict(only_select_first_n_scale=3), ValueError, "only_select_first_n_scale"),
+    (dict(num_token_look_close=[1, 2]), ValueError, "num_token_look_close"),
+    (dict(output_hidden_states=False, num_look_close=1), ValueError, "pre-training"),
+    (dict(pixel_values="image.png"), TypeError, "pixel_values"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", BAD_INPUTS)
+def test_bad_input_raises_clear_errors(model, kwargs, error, match):
+    call = dict(pixel_values=torch.randn(1, 3, 224, 224), num_look_close=1)
+    call.update(kwargs)
+    with pytest.raises(error, match=match):
+        model(**call)
+
+
+def test_unknown_trunk_without_fields_is_rejected():
+    with pytest.raises(ValueError, match="depth"):
+        PS3VisionModel(PS3VisionConfig(model_name="not_a_trunk", ps3_scales=[56, 112]))
+
+
+def test_known_trunk_shapes_on_meta_device():
+    with torch.device("meta"):
+        m = PS3VisionModel(PS3VisionConfig(model_name="vit_so400m_patch14_siglip_384", ps3_scales=[378, 756, 1512, 3780], max_select_num=2560))
+    enc = m.vision_model
+    assert (enc.width, enc.layers, enc.low_res_token_num) == (1152, 27, 729)
+    assert enc.max_select_num_each_scale == [85, 341, 2134]
+    assert enc.trunk.blocks[0].attn.qkv.weight.shape == (3456, 1152)
+    assert enc.trunk.blocks[0].mlp.fc1.weight.shape == (4304, 1152)

@@ -156,25 +156,41 @@ class PS3VisionEncoder(nn.Module):
 
     # ----- passes -----
 
-    def _low_res(self, images: list[torch.Tensor], return_kv: bool):
-        s0, g = self.ps3_scales[0], self.ps3_scales[0] // self.patch_size
-        x = torch.cat([_resize([images[i] for i in idx], (s0, s0)) for idx in _group_by([im.shape for im in images]).values()])
-        order = [i for idx in _group_by([im.shape for im in images]).values() for i in idx]
-        if order != sorted(order):
-            x = x[torch.argsort(torch.tensor(order, device=x.device))]
-        tokens = self.trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, g*g, C)
-        tokens = (tokens + self._pos_table(g)[: g * g].view(g, g, -1)[:g, :g].reshape(1, g * g, -1)).flatten(0, 1)
-        B = len(images)
-        seqs = PackedSequences.from_lengths([g * g] * B, x.device)
-        out = self.trunk(tokens, seqs, return_kv=return_kv)
-        hidden = [h.view(B, g * g, -1) for h in out.hidden_states]
+    def encode_dense(self, pixel_values: torch.Tensor, return_kv: bool = False):
+        """Dense ViT pass over whole images ``(B, 3, H, W)`` (H, W multiples of the patch).
+
+        The position embedding is resampled to ``max(h, w)`` and cropped, as PS3 does for
+        non-square grids. Returns per-layer hidden states ``(B, h*w, C)`` and, if asked,
+        the per-layer K/V cache ``(B, heads, h*w, head_dim)``. This is PS3's low-res pass
+        and what the dense baselines (AnyRes, S2, slicing) run on their crops.
+        """
+        B, _, H, W = pixel_values.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        tokens = self.trunk.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        side = max(h, w)
+        pos = self._pos_table(side).view(side, side, -1)[:h, :w].reshape(1, h * w, -1)
+        seqs = PackedSequences.from_lengths([h * w] * B, pixel_values.device)
+        out = self.trunk((tokens + pos).flatten(0, 1), seqs, return_kv=return_kv)
+        hidden = [t.view(B, h * w, -1) for t in out.hidden_states]
         cache = None
         if return_kv:
             heads, hd = self.spec.num_heads, self.spec.head_dim
-            cache = [
-                tuple(t.view(B, g * g, heads, hd).transpose(1, 2).contiguous() for t in kv) for kv in out.kv_cache
-            ]
+            cache = [tuple(t.view(B, h * w, heads, hd).transpose(1, 2).contiguous() for t in kv) for kv in out.kv_cache]
         return hidden, cache
+
+    def _low_res(self, images: list[torch.Tensor], return_kv: bool):
+        s0 = self.ps3_scales[0]
+        return self.encode_dense(self._resize_all(images, (s0, s0)), return_kv=return_kv)
+
+    @staticmethod
+    def _resize_all(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Resize every image to ``size`` (one interpolate call per distinct input size)."""
+        groups = _group_by([im.shape for im in images])
+        x = torch.cat([_resize([images[i] for i in idx], size) for idx in groups.values()])
+        order = [i for idx in groups.values() for i in idx]
+        if order != sorted(order):
+            x = x[torch.argsort(torch.tensor(order, device=x.device))]
+        return x
 
     def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.trunk.attn_pool(self.trunk.norm(tokens), mask)
@@ -189,11 +205,7 @@ class PS3VisionEncoder(nn.Module):
         feats = feats.transpose(1, 2).reshape(len(images), self.width, g, g)
         highres = None
         if self.config.highres_selection_feature:
-            size = (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)
-            groups = _group_by([im.shape for im in images])
-            views = torch.cat([_resize([images[i] for i in idx], size) for idx in groups.values()])
-            order = torch.tensor([i for idx in groups.values() for i in idx], device=views.device)
-            views = views[torch.argsort(order)]
+            views = self._resize_all(images, (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE))
             highres = self.highres_selection_feature_module(views)
 
         def probs_for(p: torch.Tensor) -> torch.Tensor:

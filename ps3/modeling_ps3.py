@@ -503,6 +503,8 @@ class PS3PreTrainedModel(PreTrainedModel):
 class PS3VisionModel(PS3PreTrainedModel):
     config_class = PS3VisionConfig
     main_input_name = "pixel_values"
+    # Released checkpoints hold both towers (PS3Model); the vision model skips the text one.
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\."]
 
     def __init__(self, config: PS3VisionConfig):
         super().__init__(config)
@@ -539,6 +541,7 @@ class PS3VisionModel(PS3PreTrainedModel):
 class PS3TextModel(PS3PreTrainedModel):
     config_class = PS3TextConfig
     main_input_name = "text"
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\."]
 
     def __init__(self, config: PS3TextConfig):
         super().__init__(config)

@@ -180,3 +180,18 @@ def test_known_trunk_shapes_on_meta_device():
     assert enc.max_select_num_each_scale == [85, 341, 2134]
     assert enc.trunk.blocks[0].attn.qkv.weight.shape == (3456, 1152)
     assert enc.trunk.blocks[0].mlp.fc1.weight.shape == (4304, 1152)
+
+
+def test_towers_load_from_a_combined_ps3_checkpoint(tmp_path):
+    from ps3 import PS3Config, PS3Model, PS3TextConfig, PS3TextModel
+
+    text = PS3TextConfig(width=32, heads=2, layers=1, context_length=8, vocab_size=50, output_dim=64, prompt_proj_dim=64)
+    full = randomize_parameters_(PS3Model(PS3Config(text_config=text.to_dict(), vision_config=tiny_vision_config().to_dict())))
+    full.save_pretrained(tmp_path)
+    vision = PS3VisionModel.from_pretrained(tmp_path).eval()
+    text_model = PS3TextModel.from_pretrained(tmp_path).eval()
+    x = torch.stack(images((224, 224), seed=10))
+    ids = torch.tensor([[3, 7, 9, 2, 0, 0, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(vision(x, num_look_close=1).last_hidden_state, full.eval().encode_image(x, num_look_close=1).last_hidden_state)
+        assert rel_err(text_model(ids).prompt, full.encode_text(ids).prompt) < 1e-6

@@ -1,4 +1,6 @@
-"""``ps3-encode IMAGE``: encode one image, print token counts per scale, save a selection PNG."""
+"""``ps3-encode IMAGE``: encode one image, print token counts per scale, save a selection PNG
+(left: the image with the patches of the finest scale that no look selected dimmed; right:
+the selection probabilities)."""
 
 from __future__ import annotations
 
@@ -39,12 +41,25 @@ def synthetic_image(size: int = 1512) -> Image.Image:
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def selection_overlay(image: Image.Image, probs: torch.Tensor) -> Image.Image:
-    """Image blended with the selection probability map (red = likely to be looked at)."""
-    heat = (probs.float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-    heat = Image.fromarray(heat).resize(image.size, Image.NEAREST)
-    red = Image.merge("RGB", (heat, Image.new("L", image.size, 0), Image.new("L", image.size, 0)))
-    return Image.blend(image.convert("RGB"), red, 0.5)
+def _heat(values: np.ndarray) -> np.ndarray:
+    """Blue (low) to red (high) colours for values in [0, 1]."""
+    return np.stack([values, 1 - np.abs(2 * values - 1), 1 - values], axis=-1)
+
+
+def selection_figure(image: Image.Image, probs: torch.Tensor, selected: torch.Tensor | None) -> Image.Image:
+    """Two panels: the image with unselected patches dimmed, and the selection probabilities
+    (min-max stretched, so a flat random model still shows its ranking)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    h, w = rgb.shape[:2]
+
+    def upsample(t: torch.Tensor) -> np.ndarray:
+        return np.asarray(Image.fromarray(t.float().cpu().numpy()).resize((w, h), Image.NEAREST))
+
+    p = upsample(probs)
+    p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
+    left = rgb if selected is None else rgb * (0.25 + 0.75 * upsample(selected)[..., None])
+    panel = np.concatenate([left, _heat(p)], axis=1)
+    return Image.fromarray((panel * 255).round().astype(np.uint8))
 
 
 def main(argv=None) -> None:
@@ -65,7 +80,8 @@ def main(argv=None) -> None:
     for scale, m in zip(encoder.ps3_scales[1:], out.selection_maps or []):
         print(f"  scale {scale:>5}: {int(m[0].sum()):>6} of {m[0].numel()} tokens selected")
     print(f"  total: {out.last_hidden_state.shape[1]} tokens of width {out.last_hidden_state.shape[2]}")
-    selection_overlay(image, out.selection_probs[0][0]).save(args.out)
+    selected = out.selection_maps[-1][0] if out.selection_maps else None
+    selection_figure(image, out.selection_probs[-1][0], selected).save(args.out)
     print(f"selection probabilities written to {Path(args.out).resolve()}")
 
 

@@ -14,6 +14,7 @@ setup(
         "safetensors",
         "transformers>=4.45",
         "pillow",
+        "ftfy",
     ],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -1,0 +1,86 @@
+"""The vision forward must not read device values on the host (no implicit syncs).
+
+On CUDA this is ``torch.cuda.set_sync_debug_mode("error")``. On CPU the same property is
+checked by making every host read of a tensor value raise while the model runs: ``.item()``,
+``.tolist()``, truth tests, int/float conversion and boolean-mask indexing (whose output size
+depends on the data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from ps3 import PS3VisionModel
+from ps3.demo import randomize_parameters_
+from ps3_kernels import use_backend
+
+from helpers import tiny_vision_config
+
+
+class HostRead(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise HostRead(f"Tensor.{name} reads a device value on the host")
+        return method
+
+    original_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise HostRead("boolean-mask indexing has a data-dependent size")
+        return original_getitem(self, index)
+
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+        torch.Tensor.__getitem__ = getitem
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+        torch.Tensor.__getitem__ = original_getitem
+
+
+def test_guard_catches_a_host_read():
+    x = torch.ones(3)
+    with forbid_host_reads(), pytest.raises(HostRead):
+        if x.sum() > 0:
+            pass
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_look_close=2),
+    dict(num_token_look_close=[13, 40]),
+    dict(num_look_close="all", only_select_first_n_scale=[1, 2]),
+    dict(output_hidden_states=False, is_global_text=torch.tensor([True, False])),
+])
+def test_vision_forward_has_no_host_reads(kwargs):
+    model = randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=2).eval()
+    images = [torch.randn(3, 224, 180), torch.randn(3, 150, 224)]
+    prompt = torch.randn(2, 64)
+    with torch.no_grad(), use_backend("torch"), forbid_host_reads():
+        model(images, prompt=prompt, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_cuda_forward_has_no_syncs():
+    model = randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=2).cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        model(x, num_look_close=2)  # warm-up: lazy initialisation may sync
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x, num_look_close=2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

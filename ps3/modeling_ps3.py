@@ -102,6 +102,15 @@ class PS3VisionEncoder(nn.Module):
             self.prompt_proj_for_highres = nn.Linear(self.width, config.highres_selection_module_out_dim * num_high)
         self._pos_cache: dict = {}
 
+    @property
+    def s3_scales(self) -> list[int]:
+        """Alias VILA reads (``mm_scale_num``, dynamic aspect ratios)."""
+        return self.ps3_scales
+
+    def token_selection_param_names(self) -> list[str]:
+        """Modules that only serve patch selection (VILA's ``tune_top_down_selection``)."""
+        return ["selection_feature_proj", "highres_selection_feature_module", "prompt_proj_for_highres"]
+
     def _check_scales(self, patch: int) -> None:
         s = self.ps3_scales
         if len(s) < 2:

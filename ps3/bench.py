@@ -1,0 +1,663 @@
+"""``ps3-bench``: what PS3's selective high-res encoding costs against dense baselines.
+
+Every method runs on the same ViT trunk (same weights, same attention kernel): PS3 with
+1, 2, 6 or all looks, LLaVA-NeXT AnyRes, S2 and LLaVA-UHD slicing (``ps3.baselines``), and
+optionally upstream PS3 in another virtual environment. For each method, resolution and
+batch it records encoder tokens, FLOPs (counted on the meta device, so configurations too
+big to run are counted too), median latency and peak memory, and writes ``results.json``,
+``results.md`` and ``cost_vs_resolution.png``. See ``docs/benchmarks.md``.
+
+    python -m ps3.bench --preset cpu-smoke --out bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .baselines import (
+    SequenceGroup,
+    anyres_encode,
+    anyres_geometry,
+    anyres_grid,
+    attention_flops,
+    count_tokens,
+    llava_uhd_encode,
+    llava_uhd_geometry,
+    s2_encode,
+    s2_geometry,
+)
+from .configuration_ps3 import PS3VisionConfig
+from .demo import demo_config
+from .modeling_ps3 import PS3VisionModel
+from .selection_plan import plan_looks
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_WORKER = REPO_ROOT / "benchmarks" / "upstream_worker.py"
+
+PS3_LOOKS: dict[str, int | str] = {"ps3-1": 1, "ps3-2": 2, "ps3-6": 6, "ps3-all": "all"}
+BASELINES = ("anyres", "s2", "llava-uhd")
+UPSTREAM_LOOKS: dict[str, int | str] = {f"upstream-{k}": v for k, v in PS3_LOOKS.items()}
+METHODS = tuple(PS3_LOOKS) + BASELINES + tuple(UPSTREAM_LOOKS)
+
+# Fields of a PS3VisionConfig that upstream's config understands (sent to the worker).
+UPSTREAM_CONFIG_FIELDS = (
+    "model_name", "hidden_size", "pool", "dynamic_img_size", "ps3_scales", "select_based_on_layer",
+    "max_select_num", "max_select_num_each_scale", "separate_pos_emb", "highres_selection_feature",
+    "highres_selection_module_hidden_dim", "highres_selection_module_out_dim", "highres_selection_module_depth",
+    "highres_selection_module_kernel_size", "img_size",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A benchmark grid: model shape, budget per look, resolutions, batches and timing."""
+
+    description: str
+    trunk: str  # "demo" (tiny random trunk, real PS3 geometry) or "so400m"
+    max_select_num: int  # high-res tokens per look
+    resolutions: tuple[int, ...]
+    batches: tuple[int, ...]
+    device: str
+    dtype: torch.dtype
+    warmup: int  # CPU: untimed runs; GPU: do_bench warm-up in ms
+    reps: int  # CPU: timed runs; GPU: do_bench repetition time in ms
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu-smoke": Preset("tiny random trunk (width 64, depth 4), PS3-1.5K geometry, fp32 on CPU",
+                        "demo", 1280, (378, 756, 1512), (1,), "cpu", torch.float32, 1, 3),
+    "gpu-1.5k": Preset("SO400M-shaped random weights, PS3-1.5K budget (1280 tokens per look), bf16",
+                       "so400m", 1280, (378, 756, 1512), (1, 4, 16), "cuda", torch.bfloat16, 25, 100),
+    "gpu-4k": Preset("SO400M-shaped random weights, PS3-4K budget (2560 tokens per look), bf16",
+                     "so400m", 2560, (378, 756, 1512, 2268, 3024, 3780), (1, 4, 16), "cuda", torch.bfloat16, 25, 100),
+}
+
+BASE_SCALE = 378  # every preset's ViT input size s0
+
+
+def scale_set(resolution: int, s0: int = BASE_SCALE) -> list[int]:
+    """Scales used at ``resolution``: PS3's ``s0, 2*s0, 4*s0`` below it, then the resolution.
+
+    PS3 at resolution R is the model whose largest scale is R (3780 -> PS3-4K's
+    378/756/1512/3780); S2 uses the same scales.
+    """
+    if not isinstance(resolution, int) or resolution < s0 or resolution % s0:
+        raise ValueError(f"resolution must be a positive multiple of {s0}, got {resolution!r}")
+    return [s for s in (s0, 2 * s0, 4 * s0) if s < resolution] + [resolution]
+
+
+def model_config(preset: Preset, resolution: int) -> PS3VisionConfig:
+    """PS3 config of ``preset`` at ``resolution`` (the baselines use only its trunk)."""
+    scales = scale_set(max(resolution, 2 * BASE_SCALE))
+    if preset.trunk == "demo":
+        return demo_config(ps3_scales=scales, max_select_num=preset.max_select_num)
+    return PS3VisionConfig(model_name="vit_so400m_patch14_siglip_384", ps3_scales=scales, max_select_num=preset.max_select_num)
+
+
+def _random_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights in place on the model's device (timing does not depend on the values)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    return model
+
+
+def build_model(config: PS3VisionConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> PS3VisionModel:
+    """A random model allocated straight on ``device`` (``"meta"`` for counting only).
+
+    Keeps one hidden layer, as the baselines do, so memory compares the methods.
+    """
+    with torch.device("meta"):
+        model = PS3VisionModel(config).to(dtype)
+    if torch.device(device).type != "meta":
+        model = _random_init_(model.to_empty(device=device), seed)
+    model.vision_model.num_hidden_layers_to_return = 1
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def method_fn(method: str, model: PS3VisionModel, resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The encoder call of ``method`` on ``(B, 3, R, R)`` images, returning ``(B, N, C)``."""
+    enc = model.vision_model
+    if method in PS3_LOOKS:
+        looks = PS3_LOOKS[method]
+        return lambda x: model(x, num_look_close=looks).last_hidden_state
+    if method == "anyres":
+        return lambda x: anyres_encode(enc, x, resolution=resolution)
+    if method == "s2":
+        return lambda x: s2_encode(enc, x, scale_set(resolution))
+    if method == "llava-uhd":
+        return lambda x: llava_uhd_encode(enc, x)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def method_sequences(method: str, model: PS3VisionModel, resolution: int) -> list[tuple[list[SequenceGroup], int]]:
+    """Sequences one image makes the trunk encode, as ``(groups, kv_prefix_length)`` pairs.
+
+    PS3: the 729-token low-res view, then one sequence per look (its selected tokens) whose
+    queries also attend to the low-res K/V cache. Baselines: their crops, no prefix.
+    """
+    enc = model.vision_model
+    s0, p = enc.ps3_scales[0], enc.patch_size
+    if method in PS3_LOOKS:
+        image = (resolution, resolution)
+        patches = [h * w for h, w in (enc.feature_size_scale_i(image, i) for i in range(1, len(enc.ps3_scales)))]
+        plan = plan_looks(patches, enc.max_select_num_each_scale, PS3_LOOKS[method], None)
+        return [([SequenceGroup(1, enc.low_res_token_num)], 0), ([SequenceGroup(1, sum(look)) for look in plan], enc.low_res_token_num)]
+    if method == "anyres":
+        return [(anyres_geometry(s0, p, anyres_grid(s0, resolution=resolution)), 0)]
+    if method == "s2":
+        return [(s2_geometry(scale_set(resolution), p), 0)]
+    if method == "llava-uhd":
+        return [(llava_uhd_geometry(resolution, resolution, s0, p).groups(), 0)]
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+_ATTN_MODULE = re.compile(r"(^|\.)blocks\.\d+\.attn$")
+
+
+def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[int, int, torch.Size]:
+    """FLOPs of ``fn(x)`` with ``torch.utils.flop_counter`` (run ``x`` on the meta device).
+
+    Returns the total, the part inside the trunk's attention modules other than their
+    ``qkv``/``proj`` linears (the attention core as this path computed it: the torch
+    reference pads sequences of a packed batch to the longest one), and the output shape.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = fn(x)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    core = 0
+    for name, total in counts.items():
+        if _ATTN_MODULE.search(name):
+            children = sum(v for k, v in counts.items() if k.startswith(name + ".") and "." not in k[len(name) + 1 :])
+            core += total - children
+    return counts.get("Global", 0), core, out.shape
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _proc_status_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_peak_memory(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[float, str]:
+    """Peak memory (MiB) of one ``fn(x)`` call and how it was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (weights and inputs included). CPU (Linux):
+    growth of the resident set's high-water mark over the call (reset through
+    ``/proc/self/clear_refs`` after ``malloc_trim`` hands freed heap back to the system);
+    memory the C allocator still caches can hide part of it. Elsewhere the growth of
+    ``ru_maxrss``, which only sees peaks above earlier ones (a lower bound).
+    """
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn(x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+    try:
+        _malloc_trim()
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_kb("VmRSS")
+        fn(x)
+        return (_proc_status_kb("VmHWM") - before) / 1024, "cpu_rss_high_water_delta"
+    except OSError:
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn(x)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (after - before) * unit / 2**20, "cpu_ru_maxrss_delta_lower_bound"
+
+
+def measure_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int, reps: int) -> tuple[float, str]:
+    """Median latency (ms) of ``fn(x)`` and the timer used.
+
+    CUDA: ``triton.testing.do_bench`` (``warmup``/``reps`` in ms; CUDA events with
+    ``warmup`` and ``reps`` as counts if Triton is missing). CPU: ``time.perf_counter``
+    over ``reps`` calls after ``warmup`` untimed ones.
+    """
+    if x.is_cuda:
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(lambda: fn(x), warmup=warmup, rep=reps, return_mode="median")), "triton.do_bench"
+        for _ in range(max(warmup, 1)):
+            fn(x)
+        times = []
+        for _ in range(max(reps, 1)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), "cuda_events"
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(max(reps, 1)):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), "perf_counter"
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, device and git commit, stamped on every record."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device == "cuda" and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"device": device_name, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(), "git_commit": commit}
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class Options:
+    preset: str
+    methods: list[str]
+    resolutions: list[int]
+    batches: list[int]
+    count_only: bool
+    warmup: int
+    reps: int
+    upstream_python: str | None
+    upstream_timeout: float
+    seed: int
+
+
+def _record(opts: Options, env: dict, method: str, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "method": method, "resolution": resolution, "batch": batch, "tokens": None, "out_tokens": None,
+        "flops": None, "flops_per_image": None, "attn_flops": None, "attn_flops_counted": None,
+        "latency_ms": None, "latency_ms_per_image": None, "tflops_per_s": None, "peak_mem_mb": None,
+        "peak_mem_kind": None, "timer": None, "status": None, "error": None,
+        "preset": opts.preset, "dtype": str(dtype).replace("torch.", ""), **env,
+    }
+
+
+def run_method(
+    rec: dict[str, Any], method: str, run_model: PS3VisionModel | None, meta_model: PS3VisionModel,
+    x: torch.Tensor | None, warmup: int, reps: int,
+) -> dict[str, Any]:
+    """Fill ``rec`` for one of this project's methods: count on meta, then (if a model and
+    input are given) measure peak memory and latency. Errors are recorded, never raised."""
+    R, B = rec["resolution"], rec["batch"]
+    if method in PS3_LOOKS and R <= meta_model.vision_model.ps3_scales[0]:
+        rec.update(status="skipped", error=f"PS3 needs a high-res scale above {R}; at {R} it is the plain ViT")
+        return rec
+    try:
+        seqs = method_sequences(method, meta_model, R)
+        enc = meta_model.vision_model
+        exact_attn = B * sum(attention_flops(groups, enc.width, enc.layers, prefix) for groups, prefix in seqs)
+        x_meta = torch.empty(B, 3, R, R, device="meta", dtype=next(meta_model.parameters()).dtype)
+        total, counted_attn, out_shape = count_flops(method_fn(method, meta_model, R), x_meta)
+        flops = total - counted_attn + exact_attn
+        rec.update(tokens=sum(count_tokens(g) for g, _ in seqs), out_tokens=int(out_shape[1]), flops=flops,
+                   flops_per_image=flops // B, attn_flops=exact_attn, attn_flops_counted=counted_attn)
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
+        rec.update(status="failed", error="counting: " + _error(exc))
+        return rec
+    if run_model is None or x is None:
+        rec.update(status="counted")
+        return rec
+    fn = method_fn(method, run_model, R)
+    try:
+        with torch.inference_mode():
+            rec["peak_mem_mb"], rec["peak_mem_kind"] = measure_peak_memory(fn, x)
+            rec["latency_ms"], rec["timer"] = measure_latency(fn, x, warmup, reps)
+        rec.update(status="ok", latency_ms_per_image=rec["latency_ms"] / B,
+                   tflops_per_s=rec["flops"] / (rec["latency_ms"] * 1e-3) / 1e12)
+    except Exception as exc:  # noqa: BLE001
+        rec.update(status="OOM" if _is_oom(exc) else "failed", error=_error(exc), peak_mem_mb=None, latency_ms=None)
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+    return rec
+
+
+def run_upstream(
+    opts: Options, preset: Preset, config: PS3VisionConfig, resolution: int, methods: list[str], records: list[dict]
+) -> None:
+    """Time upstream PS3 for every batch and look count at one resolution in one subprocess
+    (``benchmarks/upstream_worker.py`` under ``--upstream-python``); fills ``records``."""
+    reason = None
+    if resolution <= BASE_SCALE:
+        reason = f"PS3 needs a high-res scale above {resolution}"
+    elif opts.upstream_python is None:
+        reason = "--upstream-python not given"
+    elif opts.count_only:
+        reason = "--count-only: upstream is only timed"
+    if reason is not None:
+        for rec in records:
+            rec.update(status="skipped", error=reason)
+        return
+    spec = config.trunk_spec()
+    request = {
+        "config": {k: getattr(config, k) for k in UPSTREAM_CONFIG_FIELDS},
+        "trunk": {"width": spec.width, "depth": spec.depth, "num_heads": spec.num_heads, "mlp_ratio": spec.mlp_ratio,
+                  "patch_size": spec.patch_size, "img_size": spec.img_size},
+        "resolution": resolution, "batches": sorted({r["batch"] for r in records}),
+        "looks": [UPSTREAM_LOOKS[m] for m in methods], "device": preset.device,
+        "dtype": str(preset.dtype).replace("torch.", ""), "warmup": opts.warmup, "reps": opts.reps, "seed": opts.seed,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        req_path, out_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req_path.write_text(json.dumps(request))
+        try:
+            proc = subprocess.run([opts.upstream_python, str(UPSTREAM_WORKER), str(req_path), str(out_path)],
+                                  capture_output=True, text=True, timeout=opts.upstream_timeout, cwd=tmp)
+            if proc.returncode != 0 or not out_path.exists():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"upstream worker exited with {proc.returncode}: {tail[0]}")
+            reply = json.loads(out_path.read_text())
+        except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as exc:
+            for rec in records:
+                rec.update(status="failed", error=_error(exc))
+            return
+    by_key = {(r["batch"], str(r["looks"])): r for r in reply["results"]}
+    for rec in records:
+        res = by_key.get((rec["batch"], str(UPSTREAM_LOOKS[rec["method"]])))
+        if res is None:
+            rec.update(status="failed", error="upstream worker returned no result")
+            continue
+        rec.update({k: res.get(k) for k in ("status", "error", "tokens", "flops", "latency_ms", "peak_mem_mb", "peak_mem_kind", "timer")})
+        rec["out_tokens"] = res.get("tokens")
+        rec["upstream_version"] = reply.get("upstream_version")
+        if rec["flops"] is not None:
+            rec["flops_per_image"] = rec["flops"] // rec["batch"]
+        if rec["latency_ms"] is not None:
+            rec["latency_ms_per_image"] = rec["latency_ms"] / rec["batch"]
+            if rec["flops"] is not None:
+                rec["tflops_per_s"] = rec["flops"] / (rec["latency_ms"] * 1e-3) / 1e12
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="ps3-bench", unit="run", file=sys.stderr)
+    except ImportError:
+        return None
+
+
+def run(opts: Options) -> list[dict[str, Any]]:
+    """Measure every (resolution, batch, method) of ``opts``; records in that order."""
+    preset = PRESETS[opts.preset]
+    if not opts.count_only and preset.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"preset {opts.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
+    env = environment(preset.device if not opts.count_only else "cpu")
+    ours = [m for m in opts.methods if m not in UPSTREAM_LOOKS]
+    upstream = [m for m in opts.methods if m in UPSTREAM_LOOKS]
+    records: list[dict[str, Any]] = []
+    bar = _progress(len(opts.resolutions) * len(opts.batches) * len(opts.methods))
+    for R in opts.resolutions:
+        config = model_config(preset, R)
+        meta_model = build_model(config, "meta", preset.dtype)
+        run_model = None if opts.count_only else build_model(config, preset.device, preset.dtype, opts.seed)
+        upstream_records = []
+        for B in opts.batches:
+            x = None
+            if run_model is not None:
+                gen = torch.Generator(device=preset.device).manual_seed(opts.seed)
+                x = torch.randn(B, 3, R, R, generator=gen, device=preset.device).to(preset.dtype)
+            for method in ours:
+                if bar is not None:
+                    bar.set_postfix_str(f"{method} {R}px x{B}")
+                rec = _record(opts, env, method, R, B, preset.dtype)
+                records.append(run_method(rec, method, run_model, meta_model, x, opts.warmup, opts.reps))
+                if bar is not None:
+                    bar.update()
+            for method in upstream:
+                upstream_records.append(_record(opts, env, method, R, B, preset.dtype))
+                records.append(upstream_records[-1])
+            del x
+        if upstream:
+            if bar is not None:
+                bar.set_postfix_str(f"upstream {R}px")
+            run_upstream(opts, preset, config, R, upstream, upstream_records)
+            if bar is not None:
+                bar.update(len(upstream_records))
+        del run_model
+        if preset.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+    return records
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """Results table, then FLOPs and tokens of every method relative to ``ps3-1``."""
+    first = records[0] if records else {}
+    lines = [
+        f"**ps3-bench** preset `{first.get('preset')}` on {first.get('device')} "
+        f"(torch {first.get('torch')}, triton {first.get('triton')}, commit {first.get('git_commit')}, {first.get('dtype')})",
+        "",
+        "| method | resolution | batch | tokens/img | GFLOP/img | latency ms | ms/img | TFLOP/s | peak MiB | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    notes = []
+    for r in records:
+        gflop = r["flops_per_image"] / 1e9 if r["flops_per_image"] is not None else None
+        status = r["status"]
+        if r["error"]:
+            notes.append(f"- {r['method']} {r['resolution']} x{r['batch']}: {r['error']}")
+            status += f" [{len(notes)}]"
+        lines.append(
+            f"| {r['method']} | {r['resolution']} | {r['batch']} | {_fmt(r['tokens'])} | {_fmt(gflop)} | "
+            f"{_fmt(r['latency_ms'], 2)} | {_fmt(r['latency_ms_per_image'], 2)} | {_fmt(r['tflops_per_s'], 2)} | "
+            f"{_fmt(r['peak_mem_mb'])} | {status} |"
+        )
+    if notes:
+        lines += ["", "Notes:", *[f"{i + 1}. {n[2:]}" for i, n in enumerate(notes)]]
+    ratio = _ratio_table(records)
+    if ratio:
+        lines += ["", "FLOPs per image relative to ps3-1 (tokens relative to ps3-1 in brackets):", "", *ratio]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    per_image = {}
+    for r in records:
+        if r["flops_per_image"] is not None and r["tokens"] is not None:
+            per_image.setdefault((r["method"], r["resolution"]), (r["flops_per_image"], r["tokens"]))
+    methods = [m for m in dict.fromkeys(r["method"] for r in records) if any(k[0] == m for k in per_image)]
+    resolutions = sorted({k[1] for k in per_image if ("ps3-1", k[1]) in per_image})
+    if not resolutions or len(methods) < 2:
+        return []
+    lines = ["| resolution | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
+    for R in resolutions:
+        base_f, base_t = per_image[("ps3-1", R)]
+        cells = []
+        for m in methods:
+            f_t = per_image.get((m, R))
+            cells.append("-" if f_t is None else f"{f_t[0] / base_f:.2f}x ({f_t[1] / base_t:.2f}x)")
+        lines.append(f"| {R} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
+    """FLOPs and latency per image vs resolution, one line per method (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install 'ps3-kernels[bench]')", file=sys.stderr)
+        return False
+    batch = min((r["batch"] for r in records), default=1)
+    fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = sorted((r for r in records if r["method"] == method and r["batch"] == batch), key=lambda r: r["resolution"])
+        flops = [(r["resolution"], r["flops_per_image"] / 1e9) for r in rows if r["flops_per_image"]]
+        lat = [(r["resolution"], r["latency_ms_per_image"]) for r in rows if r["latency_ms_per_image"]]
+        style = "--" if method.startswith("upstream") else "-"
+        if flops:
+            ax_f.plot(*zip(*flops), style, marker="o", label=method)
+        if lat:
+            ax_t.plot(*zip(*lat), style, marker="o", label=method)
+    for ax, title in ((ax_f, "GFLOP per image"), (ax_t, f"latency per image (ms), batch {batch}")):
+        ax.set_yscale("log")
+        ax.set_xlabel("resolution (px)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_f.legend(fontsize=8)
+    first = records[0] if records else {}
+    fig.suptitle(f"ps3-bench {first.get('preset')} on {first.get('device')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
+    parser = argparse.ArgumentParser(prog="ps3-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-smoke",
+                        help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    parser.add_argument("--out", type=Path, help="output folder (default: bench_results/<preset>)")
+    parser.add_argument("--methods", type=_method_list, default=list(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--resolutions", type=_int_list, help=f"comma-separated multiples of {BASE_SCALE} (default: the preset's)")
+    parser.add_argument("--max-resolution", type=int, help="drop resolutions above this")
+    parser.add_argument("--batches", type=_int_list, help="comma-separated batch sizes (default: the preset's)")
+    parser.add_argument("--count-only", action="store_true", help="count tokens and FLOPs only (no device needed)")
+    parser.add_argument("--warmup", type=int, help="CPU: untimed runs; GPU: do_bench warm-up ms (default: the preset's)")
+    parser.add_argument("--reps", type=int, help="CPU: timed runs; GPU: do_bench repetition ms (default: the preset's)")
+    parser.add_argument("--upstream-python", help="python of a venv with upstream PS3 (ps3-torch + timm) to time it too")
+    parser.add_argument("--upstream-timeout", type=float, default=3600.0, help="seconds per upstream subprocess (default 3600)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    resolutions = args.resolutions or list(preset.resolutions)
+    for R in resolutions:
+        if R % BASE_SCALE:
+            parser.error(f"resolution {R} is not a multiple of {BASE_SCALE}")
+    if args.max_resolution is not None:
+        resolutions = [R for R in resolutions if R <= args.max_resolution]
+    if not resolutions:
+        parser.error("no resolution left to run")
+    for name in ("warmup", "reps"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0")
+    opts = Options(
+        preset=args.preset, methods=args.methods, resolutions=resolutions, batches=args.batches or list(preset.batches),
+        count_only=args.count_only, warmup=preset.warmup if args.warmup is None else args.warmup,
+        reps=preset.reps if args.reps is None else args.reps, upstream_python=args.upstream_python,
+        upstream_timeout=args.upstream_timeout, seed=args.seed,
+    )
+    return opts, args.out or Path("bench_results") / args.preset
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts, out = parse_args(argv)
+    records = run(opts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    table = markdown_table(records)
+    (out / "results.md").write_text(table)
+    print(table)
+    if plot(records, out / "cost_vs_resolution.png"):
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'cost_vs_resolution.png'}")
+    else:
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,18 +31,55 @@ class PatchTokens:
         return self.image.numel()
 
 
-def _check(images, resized_sizes, tokens, weight, pos_table, pos_index, res_table, res_index):
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_table(name: str, table: torch.Tensor, index: torch.Tensor, name_index: str, c_out: int, n: int) -> None:
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != c_out:
+        raise ValueError(f"{name} must be a (rows, {c_out}) tensor, got {_shape(table)}")
+    if not isinstance(index, torch.Tensor) or index.shape != (n,):
+        raise ValueError(f"{name_index} must be ({n},) (one entry per token), got {_shape(index)}")
+    if index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise TypeError(f"{name_index} must be an integer tensor, got {index.dtype}")
+
+
+def _check(images, resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table, res_index) -> None:
+    """Validate shapes, dtypes and devices (host-side only: token ranges are not checked, that would sync)."""
     if not isinstance(images, (list, tuple)) or not all(isinstance(im, torch.Tensor) and im.dim() == 3 for im in images):
         raise TypeError("images must be a list of (C, H, W) tensors")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be (C_out, C_in, p, p), got {_shape(weight)}")
+    c_out, c_in = weight.shape[:2]
+    for i, im in enumerate(images):
+        if im.shape[0] != c_in:
+            raise ValueError(f"images[{i}] has {im.shape[0]} channels, weight expects {c_in}")
+        if im.device != weight.device:
+            raise ValueError(f"images[{i}] is on {im.device}, weight on {weight.device}")
+        if not im.is_floating_point() or im.dtype != images[0].dtype:
+            raise TypeError(f"images must share one floating dtype; images[{i}] is {im.dtype}, "
+                            f"images[0] {images[0].dtype}")
     if len(resized_sizes) != len(images):
         raise ValueError(f"resized_sizes needs one entry per image ({len(images)}), got {len(resized_sizes)}")
-    if weight.dim() != 4 or weight.shape[1] != images[0].shape[0] if images else False:
-        raise ValueError(f"weight must be (C_out, {images[0].shape[0]}, p, p), got {tuple(weight.shape)}")
+    for i, sizes in enumerate(resized_sizes):
+        for size in sizes:
+            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+                raise ValueError(f"resized_sizes[{i}] must hold (height, width) pairs of positive ints, got {size!r}")
+    if not isinstance(tokens, PatchTokens):
+        raise TypeError(f"tokens must be a PatchTokens, got {type(tokens).__name__}")
     n = len(tokens)
-    if pos_index.shape != (n,) or (res_index is not None and res_index.shape != (n,)):
-        raise ValueError("pos_index / res_index must have one entry per token")
+    for field in ("image", "scale", "row", "col"):
+        t = getattr(tokens, field)
+        if t.shape != (n,) or t.dtype.is_floating_point or t.dtype == torch.bool or t.device != weight.device:
+            raise ValueError(f"tokens.{field} must be an integer ({n},) tensor on {weight.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c_out,)):
+        raise ValueError(f"bias must be ({c_out},) or None, got {_shape(bias)}")
+    _check_table("pos_table", pos_table, pos_index, "pos_index", c_out, n)
     if (res_table is None) != (res_index is None):
         raise ValueError("res_table and res_index must be given together")
+    if res_table is not None:
+        _check_table("res_table", res_table, res_index, "res_index", c_out, n)
 
 
 def sparse_patch_embed_reference(
@@ -76,7 +113,7 @@ def sparse_patch_embed_reference(
     grid_w = torch.tensor([[s[1] // p for s in sizes] + [1] * (num_scales - len(sizes)) for sizes in resized_sizes], device=device)
     base = torch.tensor(offsets, device=device)
     patch_row = base[tokens.image, tokens.scale] + tokens.row * grid_w[tokens.image, tokens.scale] + tokens.col
-    out = table[patch_row] @ weight.reshape(weight.shape[0], -1).t()
+    out = table[patch_row].to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
     if bias is not None:
         out = out + bias
     out = out + pos_table[pos_index]
@@ -107,7 +144,7 @@ def sparse_patch_embed(
         pos_table, pos_index: absolute position-embedding rows added to each token.
         res_table, res_index: optional second table (PS3's per-scale ``pos_emb_residual``).
     """
-    _check(images, resized_sizes, tokens, weight, pos_table, pos_index, res_table, res_index)
+    _check(images, resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table, res_index)
     if resolve_backend(weight, *images) == "triton":
         from .triton.patch_embed import sparse_patch_embed_triton
 

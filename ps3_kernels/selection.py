@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from .backend import resolve_backend
 
 
-def selection_probs(
+def selection_probs_reference(
     feature: torch.Tensor,
     prompt: torch.Tensor,
     highres_feature: torch.Tensor | None = None,
     highres_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Patch selection probabilities on the low-res grid.
+    """Patch selection probabilities on the low-res grid (PyTorch reference).
 
     Args:
         feature: ``(B, C, h, w)`` projected low-res selection features.
@@ -42,6 +42,42 @@ def selection_probs(
     # softmax over [logit, 0] rather than sigmoid: bit-identical to upstream's probabilities,
     # which matters because selection compares them exactly.
     return F.softmax(F.pad(logits[..., None], (0, 1)), dim=-1)[..., 0]
+
+
+def _check_probs_args(feature, prompt, highres_feature, highres_prompt) -> None:
+    if not isinstance(feature, torch.Tensor) or feature.dim() != 4:
+        raise ValueError(f"feature must be (B, C, h, w), got {getattr(feature, 'shape', type(feature).__name__)}")
+    B, C = feature.shape[:2]
+    if not isinstance(prompt, torch.Tensor) or tuple(prompt.shape) != (B, C):
+        raise ValueError(f"prompt must be ({B}, {C}), got {getattr(prompt, 'shape', type(prompt).__name__)}")
+    if (highres_feature is None) != (highres_prompt is None):
+        raise ValueError("highres_feature and highres_prompt must be given together")
+    tensors = [feature, prompt]
+    if highres_feature is not None:
+        if highres_feature.dim() != 4 or highres_feature.shape[0] != B:
+            raise ValueError(f"highres_feature must be ({B}, C2, H2, W2), got {tuple(highres_feature.shape)}")
+        if tuple(highres_prompt.shape) != (B, highres_feature.shape[1]):
+            raise ValueError(f"highres_prompt must be ({B}, {highres_feature.shape[1]}), "
+                             f"got {tuple(highres_prompt.shape)}")
+        tensors += [highres_feature, highres_prompt]
+    if not all(t.is_floating_point() for t in tensors):
+        raise TypeError(f"feature, prompt and the high-res pair must be floating point, "
+                        f"got {[t.dtype for t in tensors]}")
+
+
+def selection_probs(
+    feature: torch.Tensor,
+    prompt: torch.Tensor,
+    highres_feature: torch.Tensor | None = None,
+    highres_prompt: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dispatching :func:`selection_probs_reference` (see there)."""
+    _check_probs_args(feature, prompt, highres_feature, highres_prompt)
+    if resolve_backend(feature, prompt, highres_feature, highres_prompt) == "triton":
+        from .triton.selection import selection_probs_triton
+
+        return selection_probs_triton(feature, prompt, highres_feature, highres_prompt)
+    return selection_probs_reference(feature, prompt, highres_feature, highres_prompt)
 
 
 def assign_looks_reference(probs: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Benchmark selection scoring and look assignment against upstream PS3's way (CUDA only).
+
+Upstream scores with a chain of PyTorch ops (the library's reference, timed as is) and then, for
+every look, loops in Python over images and scales: already-selected patches get p = -1 and a
+``topk`` takes the look's quota. The library scores in one Triton launch for the whole batch and
+assigns every look of a scale with one stable sort plus one Triton launch, without host syncs
+(so the assignment is also timed inside a CUDA graph).
+
+Shapes follow PS3-4K / 1.5K: 1152-channel 27x27 features, a 512-channel 54x54 high-res map, the
+first high-res scale's map nearest-upsampled to every scale (ties), default quotas per look.
+
+    python benchmarks/bench_selection.py --out selection.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ps3.selection_plan import default_quotas
+from ps3_kernels import use_backend
+from ps3_kernels.selection import assign_looks, selection_probs
+
+PATCH = 14
+LOW_GRID = 27
+
+
+def scales_for(resolution: int) -> list[int]:
+    return [s for s in (378, 756, 1512, 3780) if s <= resolution]
+
+
+def make_case(scales: list[int], batch: int, looks: int, num_tokens: int, dtype: torch.dtype, device: str,
+              channels: int = 1152, hr_channels: int = 512, hr_grid: int = 54, low_grid: int = LOW_GRID,
+              seed: int = 0) -> dict[str, Any]:
+    """Scoring inputs (feature in the model's channels-last layout) and per-look quotas that fit."""
+    gen = torch.Generator().manual_seed(seed)
+    feature = torch.randn(batch, low_grid, low_grid, channels, generator=gen).permute(0, 3, 1, 2)
+    quotas = default_quotas(num_tokens, scales)
+    grids = [s // PATCH for s in scales[1:]]
+    if any(q * looks > g * g for q, g in zip(quotas, grids)):
+        raise ValueError(f"{looks} looks of {quotas} do not fit grids {grids}")
+    return dict(
+        feature=feature.to(device=device, dtype=dtype),
+        prompt=torch.randn(batch, channels, generator=gen).to(device=device, dtype=dtype),
+        hr_feature=torch.randn(batch, hr_channels, hr_grid, hr_grid, generator=gen).to(device=device, dtype=dtype),
+        hr_prompt=torch.randn(batch, hr_channels, generator=gen).to(device=device, dtype=dtype),
+        grids=grids,
+        quotas=[torch.tensor([[q] * looks] * batch, device=device) for q in quotas],  # per scale, (B, L)
+        host_quotas=[[[q] * looks] * batch for q in quotas],  # upstream keeps quotas as Python ints
+    )
+
+
+def per_scale(probs: torch.Tensor, grids: list[int]) -> list[torch.Tensor]:
+    """The low-res map nearest-upsampled to each scale's grid, flattened: ``(B, g*g)`` per scale."""
+    return [F.interpolate(probs[:, None].float(), size=(g, g), mode="nearest")[:, 0].flatten(1).to(probs.dtype)
+            for g in grids]
+
+
+def score(case: dict[str, Any]) -> torch.Tensor:
+    return selection_probs(case["feature"], case["prompt"], case["hr_feature"], case["hr_prompt"])
+
+
+def assign(probs: list[torch.Tensor], case: dict[str, Any]) -> list[torch.Tensor]:
+    """The library's assignment: one call per scale for all images and looks."""
+    return [assign_looks(p, q) for p, q in zip(probs, case["quotas"])]
+
+
+def upstream_assign(probs: list[torch.Tensor], case: dict[str, Any], stable: bool = False) -> list[torch.Tensor]:
+    """Upstream's loop: per look, image and scale, mask earlier picks with -1 and take the top-k.
+
+    ``stable=True`` replaces ``topk`` by a stable descending sort (the library's tie rule) for the
+    correctness check; the timed run uses ``topk`` as upstream does.
+    """
+    looks = [torch.full(p.shape, -1, dtype=torch.long, device=p.device) for p in probs]
+    taken = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in probs]
+    num_looks = len(case["host_quotas"][0][0])
+    for look in range(num_looks):
+        for b in range(probs[0].shape[0]):
+            for s, p in enumerate(probs):
+                k = case["host_quotas"][s][b][look]
+                masked = torch.where(taken[s][b], -1.0, p[b].float())
+                if stable:
+                    top = torch.sort(masked, descending=True, stable=True).indices[:k]
+                else:
+                    top = masked.topk(k).indices
+                taken[s][b, top] = True
+                looks[s][b, top] = look
+    return looks
+
+
+def _graph_ms(fn: Callable[[], Any]) -> float | None:
+    """Median time of ``fn`` replayed from a CUDA graph (None if it cannot be captured)."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    except RuntimeError as e:
+        print(f"  (CUDA graph capture failed: {e})")
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[1512, 3780])
+    parser.add_argument("--tokens", type=int, default=2560, help="selected tokens per look and image")
+    parser.add_argument("--looks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="float32")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_selection.py times CUDA kernels and needs a CUDA GPU; none is visible.")
+    import triton
+    import triton.testing
+
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for resolution in args.resolutions:
+        for looks in args.looks:
+            for batch in args.batches:
+                case = make_case(scales_for(resolution), batch, looks, args.tokens, dtype, "cuda")
+                with use_backend("torch"):
+                    ref_probs = score(case)
+                with use_backend("triton"):
+                    probs = score(case)
+                    prob_err = (probs.float() - ref_probs.float()).abs().max().item()
+                    if not prob_err <= 2 * torch.finfo(dtype).eps:
+                        raise SystemExit(f"scoring disagrees with the reference: max abs error {prob_err:.2e}")
+                    scaled = per_scale(probs, case["grids"])
+                    got = assign(scaled, case)
+                    want = upstream_assign(scaled, case, stable=True)
+                    if not all(torch.equal(g, w) for g, w in zip(got, want)):
+                        raise SystemExit(f"assign_looks disagrees with upstream's loop at {resolution}px, "
+                                         f"{looks} looks, batch {batch}")
+                    t_score = triton.testing.do_bench(lambda: score(case), return_mode="median")
+                    t_assign = triton.testing.do_bench(lambda: assign(scaled, case), return_mode="median")
+                    t_assign_graph = _graph_ms(lambda: assign(scaled, case))
+                with use_backend("torch"):
+                    t_score_ref = triton.testing.do_bench(lambda: score(case), return_mode="median")
+                t_loop = triton.testing.do_bench(lambda: upstream_assign(scaled, case), return_mode="median")
+                row = dict(
+                    resolution=resolution, scales=scales_for(resolution), batch=batch, looks=looks,
+                    quotas_per_look=[int(q[0, 0]) for q in case["quotas"]], max_abs_prob_err=prob_err,
+                    score_reference_ms=t_score_ref, score_triton_ms=t_score, score_speedup=t_score_ref / t_score,
+                    assign_upstream_loop_ms=t_loop, assign_triton_ms=t_assign, assign_triton_graph_ms=t_assign_graph,
+                    assign_speedup=t_loop / t_assign,
+                    total_speedup=(t_score_ref + t_loop) / (t_score + t_assign),
+                )
+                rows.append(row)
+                graph = f"{t_assign_graph:.3f}" if t_assign_graph is not None else "n/a"
+                print(f"{resolution:5d}px L={looks:<2d} B={batch:<3d} score {t_score_ref:.3f} -> {t_score:.3f} ms   "
+                      f"assign {t_loop:8.3f} -> {t_assign:.3f} ms (graph {graph})   "
+                      f"total x{row['total_speedup']:.1f}")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                dtype=args.dtype, python=platform.python_version(), tokens_per_look=args.tokens)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,5 +23,5 @@ setup(
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": ["ps3-encode=ps3.cli:main"]},
+    entry_points={"console_scripts": ["ps3-encode=ps3.cli:main", "ps3-bench=ps3.bench:main"]},
 )

@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modeling_ps3 import PS3VisionEncoder
-from .vit import PackedSequences
 
 POS_MODES = ("crop", "exact")
 
@@ -71,14 +70,7 @@ def trunk_pos_embed(encoder: PS3VisionEncoder, grid: tuple[int, int], pos_mode: 
     """
     if pos_mode not in POS_MODES:
         raise ValueError(f"pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
-    h, w = grid
-    pos = encoder.trunk.pos_embed
-    g = encoder.trunk.grid_size
-    size = (max(h, w), max(h, w)) if pos_mode == "crop" else (h, w)
-    table = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    if size != (g, g):
-        table = F.interpolate(table.float(), size=size, mode="bicubic", antialias=True).to(pos.dtype)
-    return table[:, :, :h, :w].permute(0, 2, 3, 1).reshape(h * w, -1)
+    return encoder.pos_embed_for_grid(*grid, exact=pos_mode == "exact")
 
 
 def dense_features(
@@ -86,8 +78,8 @@ def dense_features(
 ) -> torch.Tensor:
     """One layer's output of the dense ViT pass over ``(B, 3, H, W)`` images, ``(B, h*w, C)``.
 
-    Same computation as :meth:`PS3VisionEncoder.encode_dense` (with ``pos_mode="crop"``),
-    but the trunk keeps only the layers from ``layer`` on instead of all of them.
+    :meth:`PS3VisionEncoder.encode_dense` keeping only the layers from ``layer`` on, so
+    that memory measurements of the baselines are not swamped by unused hidden states.
     """
     _check_encoder(encoder)
     _check_images(pixel_values, "pixel_values")
@@ -99,13 +91,11 @@ def dense_features(
     if not -depth <= layer < depth:
         raise ValueError(f"layer={layer} is out of range for a {depth}-layer trunk")
     keep = depth - layer if layer >= 0 else -layer
-    h, w = H // p, W // p
+    if pos_mode not in POS_MODES:
+        raise ValueError(f"pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
     x = pixel_values.to(encoder.trunk.pos_embed.dtype)
-    tokens = encoder.trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)
-    tokens = tokens + trunk_pos_embed(encoder, (h, w), pos_mode)[None]
-    seqs = PackedSequences.from_lengths([h * w] * B, x.device)
-    out = encoder.trunk(tokens.flatten(0, 1), seqs, keep_layers=keep)
-    return out.hidden_states[0].view(B, h * w, -1)
+    hidden, _ = encoder.encode_dense(x, keep_layers=keep, exact_pos_embed=pos_mode == "exact")
+    return hidden[0]
 
 
 def _tile(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

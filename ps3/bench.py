@@ -475,15 +475,15 @@ def run(opts: Options) -> list[dict[str, Any]]:
                 upstream_records.append(_record(opts, env, method, R, B, preset.dtype))
                 records.append(upstream_records[-1])
             del x
+        del run_model
+        if preset.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the upstream subprocess needs the memory this process caches
         if upstream:
             if bar is not None:
                 bar.set_postfix_str(f"upstream {R}px")
             run_upstream(opts, preset, config, R, upstream, upstream_records)
             if bar is not None:
                 bar.update(len(upstream_records))
-        del run_model
-        if preset.device == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
     if bar is not None:
         bar.close()
     return records

@@ -9,8 +9,6 @@ their selection counts differ) and concatenates the cache onto K/V in every laye
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -141,45 +139,61 @@ class PS3VisionEncoder(nn.Module):
 
     # ----- position embeddings -----
 
-    def _pos_table(self, side: int) -> torch.Tensor:
-        """Trunk pos-embed resampled to a ``side x side`` grid, ``(side*side, C)``.
+    def _pos_table(self, size: tuple[int, int]) -> torch.Tensor:
+        """Trunk pos-embed resampled (bicubic, antialias, fp32) to ``size``, ``(h*w, C)``.
 
-        Cached per side length while the table cannot receive gradients; upstream resamples
-        it on every call.
+        Cached per size while the table cannot receive gradients; upstream resamples it on
+        every call.
         """
         pos = self.trunk.pos_embed
         grid = self.trunk.grid_size
-        if side == grid:
+        if size == (grid, grid):
             return pos[0]
-        key = (side, pos.data_ptr(), pos._version, pos.dtype, pos.device)
+        key = (size, pos.data_ptr(), pos._version, pos.dtype, pos.device)
         cacheable = not (torch.is_grad_enabled() and pos.requires_grad)
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]
         table = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-        table = F.interpolate(table, size=(side, side), mode="bicubic", antialias=True)
-        table = table.permute(0, 2, 3, 1).reshape(side * side, -1).to(pos.dtype)
+        table = F.interpolate(table, size=size, mode="bicubic", antialias=True)
+        table = table.permute(0, 2, 3, 1).reshape(size[0] * size[1], -1).to(pos.dtype)
         if cacheable:
             self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[1:] == key[1:]}
             self._pos_cache[key] = table
         return table
 
+    def pos_embed_for_grid(self, h: int, w: int, exact: bool = False) -> torch.Tensor:
+        """Position embedding of an ``(h, w)`` token grid, ``(h*w, C)``.
+
+        PS3 resamples the square table to ``max(h, w)`` and crops ``[:h, :w]``; ``exact``
+        resamples straight to ``(h, w)`` instead (LLaVA-UHD's slices).
+        """
+        if exact:
+            return self._pos_table((h, w))
+        side = max(h, w)
+        return self._pos_table((side, side)).view(side, side, -1)[:h, :w].reshape(h * w, -1)
+
     # ----- passes -----
 
-    def encode_dense(self, pixel_values: torch.Tensor, return_kv: bool = False):
+    def encode_dense(
+        self,
+        pixel_values: torch.Tensor,
+        return_kv: bool = False,
+        keep_layers: int | None = None,
+        exact_pos_embed: bool = False,
+    ):
         """Dense ViT pass over whole images ``(B, 3, H, W)`` (H, W multiples of the patch).
 
-        The position embedding is resampled to ``max(h, w)`` and cropped, as PS3 does for
-        non-square grids. Returns per-layer hidden states ``(B, h*w, C)`` and, if asked,
-        the per-layer K/V cache ``(B, heads, h*w, head_dim)``. This is PS3's low-res pass
-        and what the dense baselines (AnyRes, S2, slicing) run on their crops.
+        Returns the hidden states ``(B, h*w, C)`` of the last ``keep_layers`` layers (all by
+        default) and, if asked, the per-layer K/V cache ``(B, heads, h*w, head_dim)``. This is
+        PS3's low-res pass and what the dense baselines (AnyRes, S2, slicing) run on their
+        crops; see :meth:`pos_embed_for_grid` for ``exact_pos_embed``.
         """
         B, _, H, W = pixel_values.shape
         h, w = H // self.patch_size, W // self.patch_size
         tokens = self.trunk.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        side = max(h, w)
-        pos = self._pos_table(side).view(side, side, -1)[:h, :w].reshape(1, h * w, -1)
+        pos = self.pos_embed_for_grid(h, w, exact=exact_pos_embed)
         seqs = PackedSequences.from_lengths([h * w] * B, pixel_values.device)
-        out = self.trunk((tokens + pos).flatten(0, 1), seqs, return_kv=return_kv)
+        out = self.trunk((tokens + pos).flatten(0, 1), seqs, keep_layers=keep_layers, return_kv=return_kv)
         hidden = [t.view(B, h * w, -1) for t in out.hidden_states]
         cache = None
         if return_kv:
@@ -305,7 +319,7 @@ class PS3VisionEncoder(nn.Module):
         tables = []
         for side in sides:
             side_off[side] = sum(t.shape[0] for t in tables)
-            tables.append(self._pos_table(side))
+            tables.append(self._pos_table((side, side)))
         pos_table = torch.cat(tables)
         side_t = torch.tensor([[max(grids[b][s]) for s in range(num_high)] for b in range(B)], device=device)
         off_t = torch.tensor([[side_off[max(grids[b][s])] for s in range(num_high)] for b in range(B)], device=device)

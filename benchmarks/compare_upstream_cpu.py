@@ -59,6 +59,9 @@ def main() -> None:
         "upstream": upstream,
         "speedup": upstream["seconds"] / ours["seconds"],
         "peak_rss_ratio": upstream["peak_rss_mb"] / ours["peak_rss_mb"],
+        # Peak growth during the forward passes, without load-time and library differences.
+        "forward_rss_growth_ratio": (upstream["peak_rss_mb"] - upstream["peak_rss_after_load_mb"])
+        / max(ours["peak_rss_mb"] - ours["peak_rss_after_load_mb"], 1e-9),
         "rel_err_last_hidden_state": ((a["last_hidden_state"].double() - ref).norm() / ref.norm()).item(),
         "selection_maps_equal": all(torch.equal(x, y.to(x.dtype)) for x, y in zip(a["selection_maps"], b["selection_maps"])),
     }

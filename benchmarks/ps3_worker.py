@@ -34,6 +34,7 @@ def main() -> None:
     model = PS3VisionModel.from_pretrained(args.model).eval()
     model.vision_model.num_hidden_layers_to_return = 1
     x = torch.load(args.input)
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     with torch.no_grad():
         for _ in range(args.repeats):
@@ -44,6 +45,7 @@ def main() -> None:
     print(json.dumps({
         "seconds": sorted(times)[len(times) // 2],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_after_load_mb": loaded_mb,
         "tokens": out.last_hidden_state.shape[1],
         "torch": torch.__version__,
     }))

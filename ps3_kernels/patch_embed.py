@@ -93,27 +93,43 @@ def sparse_patch_embed_reference(
     res_table: torch.Tensor | None = None,
     res_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch reference: resize, unfold every patch, gather the selected ones."""
+    """Pure-PyTorch reference: resize each image to each scale, gather the selected patches.
+
+    Resized images go one after another into one flat buffer (no unfold, no concatenation
+    copies), and each token's pixels are read from it by index.
+    """
     p = weight.shape[-1]
-    num_scales = max(len(s) for s in resized_sizes) if resized_sizes else 0
-    tables, offsets, offset = [], [], 0
-    for image, sizes in zip(images, resized_sizes):
-        row_offsets = []
-        for size in sizes:
-            resized = F.interpolate(image[None].float(), size=tuple(size), mode="bicubic", align_corners=False)
-            patches = F.unfold(resized.to(image.dtype), kernel_size=p, stride=p)[0].t()  # (n, C*p*p)
-            tables.append(patches)
-            row_offsets.append(offset)
-            offset += patches.shape[0]
-        offsets.append(row_offsets + [0] * (num_scales - len(row_offsets)))
     device = weight.device
     if len(tokens) == 0:
         return weight.new_zeros(0, weight.shape[0])
-    table = torch.cat(tables).to(device)
-    grid_w = torch.tensor([[s[1] // p for s in sizes] + [1] * (num_scales - len(sizes)) for sizes in resized_sizes], device=device)
-    base = torch.tensor(offsets, device=device)
-    patch_row = base[tokens.image, tokens.scale] + tokens.row * grid_w[tokens.image, tokens.scale] + tokens.col
-    out = table[patch_row].to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+    num_scales = max(len(s) for s in resized_sizes)
+    channels = images[0].shape[0]
+    total = sum(channels * h * w for sizes in resized_sizes for h, w in sizes)
+    buffer = torch.empty(total, dtype=images[0].dtype, device=device)
+    base, heights, widths, offset = [], [], [], 0
+    for image, sizes in zip(images, resized_sizes):
+        pad = num_scales - len(sizes)
+        base.append([])
+        for h, w in sizes:
+            resized = F.interpolate(image[None].float(), size=(h, w), mode="bicubic", align_corners=False)
+            buffer[offset : offset + channels * h * w] = resized.to(image.dtype).flatten()
+            base[-1].append(offset)
+            offset += channels * h * w
+        base[-1] += [0] * pad
+        heights.append([h for h, _ in sizes] + [1] * pad)
+        widths.append([w for _, w in sizes] + [1] * pad)
+
+    def per_token(table):
+        return torch.tensor(table, device=device)[tokens.image, tokens.scale].view(-1, 1, 1, 1)
+
+    H, W = per_token(heights), per_token(widths)
+    c = torch.arange(channels, device=device).view(1, -1, 1, 1)
+    i = torch.arange(p, device=device).view(1, 1, -1, 1)
+    j = torch.arange(p, device=device).view(1, 1, 1, -1)
+    rows, cols = tokens.row.view(-1, 1, 1, 1), tokens.col.view(-1, 1, 1, 1)
+    index = per_token(base) + c * H * W + (rows * p + i) * W + cols * p + j  # (T, C, p, p), unfold's order
+    patches = buffer[index.flatten(1)]
+    out = patches.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
     if bias is not None:
         out = out + bias
     out = out + pos_table[pos_index]

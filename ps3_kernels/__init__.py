@@ -3,7 +3,7 @@
 from .backend import get_backend, resolve_backend, set_backend, use_backend
 from .patch_embed import PatchTokens, sparse_patch_embed, sparse_patch_embed_reference
 from .selection import assign_looks, assign_looks_reference, selection_probs, selection_probs_reference
-from .varlen_attention import varlen_prefix_attention, varlen_prefix_attention_reference
+from .varlen_attention import available_impls, varlen_prefix_attention, varlen_prefix_attention_reference
 
 __all__ = [
     "PatchTokens",
@@ -19,4 +19,5 @@ __all__ = [
     "use_backend",
     "varlen_prefix_attention",
     "varlen_prefix_attention_reference",
+    "available_impls",
 ]

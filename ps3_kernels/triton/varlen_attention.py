@@ -38,10 +38,23 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_tiles(base, rows, row_stride, row_mask, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Load ``base[rows, :HEAD_DIM]`` as its (rows, D0) and (rows, D1) head-dim tiles (zeros outside)."""
+def _tile_base(ptr, row, stride_row8, h, stride_h8):
+    """Address of ``ptr[row, h, 0]``.
+
+    All strides reach the kernels in units of 8 elements (the wrapper guarantees multiples of 8).
+    Multiplying by the literal 8 here lets Triton prove 16-byte alignment (e.g. PS3's head stride
+    72, which the launcher's divisible-by-16 specialisation misses), and only aligned loads are
+    vectorised and software-pipelined.
+    """
+    return ptr + row * (stride_row8 * 8) + h * (stride_h8 * 8)
+
+
+@triton.jit
+def _load_tiles(base, rows, row_stride8, row_mask, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Load rows ``rows`` (``row_stride8 * 8`` elements apart) of ``base[:, :HEAD_DIM]`` as its
+    (rows, D0) and (rows, D1) head-dim tiles, with zeros outside ``row_mask`` and ``HEAD_DIM``."""
     offs0 = tl.arange(0, D0)
-    ptrs = base + rows[:, None] * row_stride
+    ptrs = base + rows[:, None] * (row_stride8 * 8)
     t0 = tl.load(ptrs + offs0[None, :], mask=row_mask[:, None], other=0.0)
     t1 = t0  # placeholder when the head dim is a single power-of-two tile
     if D1 > 0:
@@ -51,10 +64,10 @@ def _load_tiles(base, rows, row_stride, row_mask, D0: tl.constexpr, D1: tl.const
 
 
 @triton.jit
-def _store_tiles(base, rows, row_stride, row_mask, x0, x1, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _store_tiles(base, rows, row_stride8, row_mask, x0, x1, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Inverse of :func:`_load_tiles`, casting to the destination dtype."""
     offs0 = tl.arange(0, D0)
-    ptrs = base + rows[:, None] * row_stride
+    ptrs = base + rows[:, None] * (row_stride8 * 8)
     tl.store(ptrs + offs0[None, :], x0.to(base.dtype.element_ty), mask=row_mask[:, None])
     if D1 > 0:
         offs1 = D0 + tl.arange(0, D1)
@@ -93,7 +106,8 @@ def _dot_acc(p, b0, b1, acc0, acc1, D1: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _query_block(BlockSeq, BlockStart, CuSeqlens, pid, BLOCK: tl.constexpr):
-    """Sequence, first token and row range of flat block ``pid`` (``seq < 0`` marks a spare program)."""
+    """Sequence of flat block ``pid`` (``< 0``: a spare program), its first token and length, and the
+    block's row indices within the sequence."""
     seq = tl.load(BlockSeq + pid)
     first = (pid - tl.load(BlockStart + tl.maximum(seq, 0))) * BLOCK
     start = tl.load(CuSeqlens + tl.maximum(seq, 0)).to(tl.int64)
@@ -142,7 +156,7 @@ def _fwd_kernel(
     h = tl.program_id(1)
     row_mask = rows < length
     tokens = start + rows
-    q0, q1 = _load_tiles(Q + start * stride_qt + h * stride_qh, rows, stride_qt, row_mask, D0, D1, HEAD_DIM)
+    q0, q1 = _load_tiles(_tile_base(Q, start, stride_qt, h, stride_qh), rows, stride_qt, row_mask, D0, D1, HEAD_DIM)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -152,17 +166,17 @@ def _fwd_kernel(
         p_row = tl.load(PrefixIndex + seq).to(tl.int64)
         acc0, acc1, m_i, l_i = _fwd_inner(
             acc0, acc1, m_i, l_i, q0, q1,
-            PK + p_row * stride_pkn + h * stride_pkh, PV + p_row * stride_pvn + h * stride_pvh,
+            _tile_base(PK, p_row, stride_pkn, h, stride_pkh), _tile_base(PV, p_row, stride_pvn, h, stride_pvh),
             stride_pkp, stride_pvp, prefix_len, qk_scale, BLOCK_N, D0, D1, HEAD_DIM, PREC)
     acc0, acc1, m_i, l_i = _fwd_inner(
         acc0, acc1, m_i, l_i, q0, q1,
-        K + start * stride_kt + h * stride_kh, V + start * stride_vt + h * stride_vh,
+        _tile_base(K, start, stride_kt, h, stride_kh), _tile_base(V, start, stride_vt, h, stride_vh),
         stride_kt, stride_vt, length, qk_scale, BLOCK_N, D0, D1, HEAD_DIM, PREC)
 
     # Every valid row saw at least one key, so l_i > 0 there; padded rows are not stored.
     inv_l = 1.0 / tl.where(row_mask, l_i, 1.0)
     out_base = Out + h * HEAD_DIM
-    _store_tiles(out_base, tokens, num_heads * HEAD_DIM, row_mask, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
+    _store_tiles(out_base, tokens, num_heads * (HEAD_DIM // 8), row_mask, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
                  D0, D1, HEAD_DIM)
     tl.store(Lse + h * total + tokens, m_i + tl.log2(l_i), mask=row_mask)
 
@@ -205,9 +219,9 @@ def _bwd_dq_kernel(
     row_mask = rows < length
     tokens = start + rows
     packed = h * HEAD_DIM  # Out, dOut and dQ are contiguous (total, num_heads, HEAD_DIM)
-    q0, q1 = _load_tiles(Q + start * stride_qt + h * stride_qh, rows, stride_qt, row_mask, D0, D1, HEAD_DIM)
-    do0, do1 = _load_tiles(dOut + packed, tokens, num_heads * HEAD_DIM, row_mask, D0, D1, HEAD_DIM)
-    o0, o1 = _load_tiles(Out + packed, tokens, num_heads * HEAD_DIM, row_mask, D0, D1, HEAD_DIM)
+    q0, q1 = _load_tiles(_tile_base(Q, start, stride_qt, h, stride_qh), rows, stride_qt, row_mask, D0, D1, HEAD_DIM)
+    do0, do1 = _load_tiles(dOut + packed, tokens, num_heads * (HEAD_DIM // 8), row_mask, D0, D1, HEAD_DIM)
+    o0, o1 = _load_tiles(Out + packed, tokens, num_heads * (HEAD_DIM // 8), row_mask, D0, D1, HEAD_DIM)
     delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
     if D1 > 0:
         delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
@@ -220,13 +234,13 @@ def _bwd_dq_kernel(
         p_row = tl.load(PrefixIndex + seq).to(tl.int64)
         dq0, dq1 = _bwd_dq_inner(
             dq0, dq1, q0, q1, do0, do1, lse, delta,
-            PK + p_row * stride_pkn + h * stride_pkh, PV + p_row * stride_pvn + h * stride_pvh,
+            _tile_base(PK, p_row, stride_pkn, h, stride_pkh), _tile_base(PV, p_row, stride_pvn, h, stride_pvh),
             stride_pkp, stride_pvp, prefix_len, qk_scale, BLOCK_N, D0, D1, HEAD_DIM, PREC)
     dq0, dq1 = _bwd_dq_inner(
         dq0, dq1, q0, q1, do0, do1, lse, delta,
-        K + start * stride_kt + h * stride_kh, V + start * stride_vt + h * stride_vh,
+        _tile_base(K, start, stride_kt, h, stride_kh), _tile_base(V, start, stride_vt, h, stride_vh),
         stride_kt, stride_vt, length, qk_scale, BLOCK_N, D0, D1, HEAD_DIM, PREC)
-    _store_tiles(dQ + packed, tokens, num_heads * HEAD_DIM, row_mask, dq0 * sm_scale, dq1 * sm_scale,
+    _store_tiles(dQ + packed, tokens, num_heads * (HEAD_DIM // 8), row_mask, dq0 * sm_scale, dq1 * sm_scale,
                  D0, D1, HEAD_DIM)
 
 
@@ -239,13 +253,13 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, dOut, Lse, Delta, CuS
     start = tl.load(CuSeqlens + seq).to(tl.int64)
     length = tl.load(CuSeqlens + seq + 1).to(tl.int64) - start
     offs_m = tl.arange(0, BLOCK_M)
-    q_base = Q + start * stride_qt + h * stride_qh
+    q_base = _tile_base(Q, start, stride_qt, h, stride_qh)
     for m0 in range(0, length, BLOCK_M):
         rows = m0 + offs_m
         valid = rows < length
         tokens = start + rows
         q0, q1 = _load_tiles(q_base, rows, stride_qt, valid, D0, D1, HEAD_DIM)
-        do0, do1 = _load_tiles(dOut + h * HEAD_DIM, tokens, num_heads * HEAD_DIM, valid, D0, D1, HEAD_DIM)
+        do0, do1 = _load_tiles(dOut + h * HEAD_DIM, tokens, num_heads * (HEAD_DIM // 8), valid, D0, D1, HEAD_DIM)
         # lse = +inf on padded rows makes their probabilities exactly zero.
         lse = tl.load(Lse + h * total + tokens, mask=valid, other=float("inf"))
         delta = tl.load(Delta + h * total + tokens, mask=valid, other=0.0)
@@ -279,31 +293,35 @@ def _bwd_dkdv_kernel(
         p_row = (pid // num_blocks // num_heads).to(tl.int64)
         cols = block * BLOCK_N + offs_n
         valid = cols < prefix_len
-        k0, k1 = _load_tiles(PK + p_row * stride_pkn + h * stride_pkh, cols, stride_pkp, valid, D0, D1, HEAD_DIM)
-        v0, v1 = _load_tiles(PV + p_row * stride_pvn + h * stride_pvh, cols, stride_pvp, valid, D0, D1, HEAD_DIM)
+        k_base = _tile_base(PK, p_row, stride_pkn, h, stride_pkh)
+        v_base = _tile_base(PV, p_row, stride_pvn, h, stride_pvh)
+        k0, k1 = _load_tiles(k_base, cols, stride_pkp, valid, D0, D1, HEAD_DIM)
+        v0, v1 = _load_tiles(v_base, cols, stride_pvp, valid, D0, D1, HEAD_DIM)
         # Sum over every sequence reading this prefix row (deterministic, no atomics).
         for j in range(tl.load(RowStart + p_row), tl.load(RowStart + p_row + 1)):
             dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, dOut, Lse, Delta, CuSeqlens, tl.load(SeqByRow + j), h,
                 stride_qt, stride_qh, total, num_heads, qk_scale, BLOCK_M, D0, D1, HEAD_DIM, PREC)
         dst = (p_row * num_heads + h) * prefix_len * HEAD_DIM  # dPK/dPV are contiguous
-        _store_tiles(dPK + dst, cols, HEAD_DIM, valid, dk0 * sm_scale, dk1 * sm_scale, D0, D1, HEAD_DIM)
-        _store_tiles(dPV + dst, cols, HEAD_DIM, valid, dv0, dv1, D0, D1, HEAD_DIM)
+        _store_tiles(dPK + dst, cols, HEAD_DIM // 8, valid, dk0 * sm_scale, dk1 * sm_scale, D0, D1, HEAD_DIM)
+        _store_tiles(dPV + dst, cols, HEAD_DIM // 8, valid, dv0, dv1, D0, D1, HEAD_DIM)
     else:
-        pid -= num_prefix_programs
-        h = pid // own_blocks_per_head
-        seq, start, length, cols = _query_block(BlockSeq, BlockStart, CuSeqlens, pid % own_blocks_per_head, BLOCK_N)
+        own = pid - num_prefix_programs
+        h = own // own_blocks_per_head
+        seq, start, length, cols = _query_block(BlockSeq, BlockStart, CuSeqlens, own % own_blocks_per_head, BLOCK_N)
         if seq >= 0:
             valid = cols < length
-            k0, k1 = _load_tiles(K + start * stride_kt + h * stride_kh, cols, stride_kt, valid, D0, D1, HEAD_DIM)
-            v0, v1 = _load_tiles(V + start * stride_vt + h * stride_vh, cols, stride_vt, valid, D0, D1, HEAD_DIM)
+            k_base = _tile_base(K, start, stride_kt, h, stride_kh)
+            v_base = _tile_base(V, start, stride_vt, h, stride_vh)
+            k0, k1 = _load_tiles(k_base, cols, stride_kt, valid, D0, D1, HEAD_DIM)
+            v0, v1 = _load_tiles(v_base, cols, stride_vt, valid, D0, D1, HEAD_DIM)
             dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, dOut, Lse, Delta, CuSeqlens, seq, h,
                 stride_qt, stride_qh, total, num_heads, qk_scale, BLOCK_M, D0, D1, HEAD_DIM, PREC)
             tokens = start + cols
-            _store_tiles(dK + h * HEAD_DIM, tokens, num_heads * HEAD_DIM, valid, dk0 * sm_scale, dk1 * sm_scale,
+            _store_tiles(dK + h * HEAD_DIM, tokens, num_heads * (HEAD_DIM // 8), valid, dk0 * sm_scale, dk1 * sm_scale,
                          D0, D1, HEAD_DIM)
-            _store_tiles(dV + h * HEAD_DIM, tokens, num_heads * HEAD_DIM, valid, dv0, dv1, D0, D1, HEAD_DIM)
+            _store_tiles(dV + h * HEAD_DIM, tokens, num_heads * (HEAD_DIM // 8), valid, dv0, dv1, D0, D1, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -319,19 +337,23 @@ def _head_tiles(head_dim: int) -> tuple[int, int]:
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tiny blocks under the CPU interpreter.
 
-    Not autotuned: starting points in the spirit of the fused-attention tutorial (a wide
-    query block for the forward and dQ, a wide key block for dK/dV), halved where the head
-    tiles or fp32 operands would not fit shared memory / registers.
+    Not autotuned (no GPU was at hand): a wide query block for the forward and dQ, a wide key
+    block for dK/dV, as in the fused-attention tutorial, chosen so that the sm_90 builds of
+    head_dim <= 128 neither spill registers nor exceed shared memory; wider heads get half-size
+    blocks. fp32 (exact FMA dots) is a correctness path, not a tuned one.
     """
     if triton_interpreted():
         return dict(fwd=(16, 16, 1, 1), dq=(16, 16, 1, 1), dkdv=(16, 16, 1, 1))
-    width = sum(_head_tiles(head_dim))
-    if width > 128 or dtype == torch.float32:
-        return dict(fwd=(64, 64, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2))
-    return dict(fwd=(128, 64, 8, 3), dq=(128, 32, 4, 3), dkdv=(32, 128, 4, 3))
+    if dtype == torch.float32:
+        return dict(fwd=(32, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
+    if sum(_head_tiles(head_dim)) > 128:
+        return dict(fwd=(64, 64, 8, 2), dq=(64, 32, 8, 2), dkdv=(32, 32, 8, 2))
+    return dict(fwd=(128, 64, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 128, 8, 3))
 
 
-def _block_schedule(cu: torch.Tensor, block: int, max_seqlen: int | None, total: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _block_schedule(
+    cu: torch.Tensor, block: int, max_seqlen: int | None, total: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Map flat program ids to sequences, on the device and without a host sync.
 
     Returns ``(seq_of_program, first_program_of_seq, num_programs)``: ``num_programs`` is an upper
@@ -351,19 +373,25 @@ def _block_schedule(cu: torch.Tensor, block: int, max_seqlen: int | None, total:
 
 def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
              prefix_v: torch.Tensor | None) -> tuple[int, ...]:
-    """Token/head strides of q, k, v and row/head/position strides of the prefixes (unit last dims)."""
+    """Token/head strides of q, k, v and row/head/position strides of the prefixes, in units of 8
+    elements (see ``_tile_base``; :func:`_aligned` made them multiples of 8)."""
     pk = prefix_k.stride()[:3] if prefix_k is not None else (0, 0, 0)
     pv = prefix_v.stride()[:3] if prefix_v is not None else (0, 0, 0)
-    return (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *pk, *pv)
+    return tuple(s // 8 for s in (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *pk, *pv))
 
 
-def _unit_last(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The kernels index the head dim with stride 1; anything else is copied once."""
-    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+def _aligned(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The kernels assume a unit head-dim stride and other strides in multiples of 8 (see
+    ``_tile_base``); true for contiguous tensors and qkv splits. Anything else is copied once."""
+    def ok(t: torch.Tensor) -> bool:
+        return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+
+    return [t if t is None or ok(t) else t.contiguous() for t in tensors]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get full-precision dots (as torch matmuls do by default), not tf32."""
+    """fp32 gets exact fp32 dots (torch's default matmul precision), not tf32; under the CPU
+    interpreter bf16 is multiplied as fp32 copies (it has no bf16 matmul). fp16/bf16 ignore it."""
     if dtype == torch.float32:
         return "ieee"
     return "upcast" if dtype == torch.bfloat16 and triton_interpreted() else "tf32"
@@ -371,11 +399,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor? prefix_k, Tensor? prefix_v, "
-    "Tensor? prefix_index, float softmax_scale, int? max_seqlen) -> (Tensor, Tensor)"
+    "Tensor? prefix_index, float softmax_scale, SymInt? max_seqlen) -> (Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
-    "Tensor? prefix_k, Tensor? prefix_v, Tensor? prefix_index, float softmax_scale, int? max_seqlen) "
+    "Tensor? prefix_k, Tensor? prefix_v, Tensor? prefix_index, float softmax_scale, SymInt? max_seqlen) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -387,10 +415,10 @@ def _attention_op(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, softmax
     Takes an int32 ``cu_seqlens`` and, with a prefix, an int32 ``prefix_index`` and prefixes in q's dtype
     (see :func:`varlen_prefix_attention_triton`, which prepares them outside the op).
     """
-    q, k, v, prefix_k, prefix_v = _unit_last(q, k, v, prefix_k, prefix_v)
+    q, k, v, prefix_k, prefix_v = _aligned(q, k, v, prefix_k, prefix_v)
     total, num_heads, head_dim = q.shape
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((num_heads, total), dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((num_heads, total), dtype=torch.float32, device=q.device)
     if total == 0:
         return out, lse
     d0, d1 = _head_tiles(head_dim)
@@ -417,17 +445,17 @@ def _(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, softmax_scale, max_
 def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, prefix_k, prefix_v, prefix_index,
                            softmax_scale, max_seqlen):
     """Backward launches; returns ``(dq, dk, dv, dprefix_k, dprefix_v)`` (empty prefix grads without a prefix)."""
-    q, k, v, prefix_k, prefix_v = _unit_last(q, k, v, prefix_k, prefix_v)
+    q, k, v, prefix_k, prefix_v = _aligned(q, k, v, prefix_k, prefix_v)
     grad_out = grad_out.contiguous()  # the kernels index dOut like out: contiguous (total, heads, dim)
     total, num_heads, head_dim = q.shape
     has_prefix = prefix_k is not None
-    dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if not has_prefix:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     elif total == 0:  # no query reads the prefix; the kernel below would not run to write the zeros
         dpk, dpv = q.new_zeros(prefix_k.shape), q.new_zeros(prefix_v.shape)
     else:
-        dpk, dpv = q.new_empty(prefix_k.shape), q.new_empty(prefix_v.shape)
+        dpk, dpv = (torch.empty(prefix_k.shape, dtype=q.dtype, device=q.device) for _ in range(2))
     if total == 0:
         return dq, dk, dv, dpk, dpv
 
@@ -438,7 +466,7 @@ def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, prefix_k, pr
     strides = _strides(q, k, v, prefix_k, prefix_v)
     pk, pv, index = (prefix_k, prefix_v, prefix_index) if has_prefix else (q, q, cu_seqlens)
 
-    delta = torch.empty_like(lse)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = config["dq"]
     block_seq, block_start, num_blocks = _block_schedule(cu_seqlens, block_m, max_seqlen, total)
     _bwd_dq_kernel[(num_blocks, num_heads)](

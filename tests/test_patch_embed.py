@@ -11,18 +11,6 @@ from ps3_kernels.patch_embed import PatchTokens, sparse_patch_embed, sparse_patc
 from helpers import rel_err
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make every ``torch.empty`` NaN (floats) or -7 (ints), so an unwritten output element shows."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan") if out.is_floating_point() else -7)
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def select_tokens(resized_sizes, p, gen, keep=0.35, counts=None) -> PatchTokens:
     """Random patches of every (image, scale) plus its four corner patches (border handling).
 

@@ -37,25 +37,10 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 from ..patch_embed import PatchTokens
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from .common import TL_DTYPES, dot_precision, mma, to_dtype_rtne
 
 
 # ----------------------------------------------------------------------------- pixel sampling
-
-
-@triton.jit
-def to_dtype_rtne(x, DTYPE: tl.constexpr):
-    """Cast fp32 ``x`` to ``DTYPE`` rounding to nearest even, as torch's ``.to()`` does.
-
-    bf16 is rounded through the bits: the CPU interpreter's own fp32 -> bf16 cast truncates,
-    and this way compiled and interpreted runs execute the same arithmetic.
-    """
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
 
 
 @triton.jit
@@ -157,16 +142,6 @@ def _patch_tile(base, height, width, out_h, out_w, top, left, one_tap, k, mask,
 
 
 @triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr):
-    """``acc + a @ b`` in fp32. PREC "upcast" multiplies fp32 copies: the CPU interpreter cannot multiply bf16."""
-    if PREC == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        out = tl.dot(a, b, acc, input_precision=PREC)
-    return out
-
-
-@triton.jit
 def _embed_kernel(
     Out, Weight, Bias, PosTable, PosIndex, ResTable, ResIndex,
     Meta, TokImage, TokScale, TokRow, TokCol,
@@ -196,7 +171,7 @@ def _embed_kernel(
         a = _patch_tile(base, height, width, out_h, out_w, top, left, one_tap, k,
                         t_mask[:, None] & k_mask[None, :], P, IMG_DTYPE)
         w = tl.load(Weight + n[None, :] * K + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(to_dtype_rtne(a.to(tl.float32), Weight.dtype.element_ty), w, acc, PREC)
+        acc = mma(to_dtype_rtne(a.to(tl.float32), Weight.dtype.element_ty), w, acc, PREC)
 
     mask = t_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
@@ -249,14 +224,14 @@ class _Gather:
 
     @property
     def img_dtype(self) -> tl.dtype:
-        return _TL_DTYPES[self.images[0].dtype]
+        return TL_DTYPES[self.images[0].dtype]
 
 
 def _make_gather(images: Sequence[torch.Tensor], resized_sizes: Sequence[Sequence[tuple[int, int]]],
                  tokens: PatchTokens, patch: int, device: torch.device) -> _Gather:
     """Build the per-image table on the host and send it to ``device`` without a sync."""
     images = [im.contiguous() for im in images]
-    if images and images[0].dtype not in _TL_DTYPES:
+    if images and images[0].dtype not in TL_DTYPES:
         raise TypeError(f"the triton backend takes float32/float16/bfloat16 images, got {images[0].dtype}")
     for i, im in enumerate(images):
         if im.numel() >= 2**31:
@@ -273,13 +248,6 @@ def _make_gather(images: Sequence[torch.Tensor], resized_sizes: Sequence[Sequenc
         row=tokens.row.contiguous(), col=tokens.col.contiguous(),
         channels=images[0].shape[0] if images else 0, patch=patch,
     )
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 weights get full-precision dots (as torch matmuls do by default), not tf32."""
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if dtype == torch.bfloat16 and triton_interpreted() else "tf32"
 
 
 def _launch_config(dtype: torch.dtype, c_out: int, k: int) -> tuple[int, int, int, int, int]:
@@ -325,7 +293,7 @@ def _embed_forward(g: _Gather, weight: torch.Tensor, bias: torch.Tensor | None, 
         res_table.contiguous() if has_res else weight, res_index.contiguous() if has_res else pos_index,
         g.meta, g.image, g.scale, g.row, g.col, g.num_tokens, c_out, g.meta.stride(0),
         HAS_BIAS=bias is not None, HAS_RES=has_res, K=k, P=g.patch, IMG_DTYPE=g.img_dtype,
-        PREC=_dot_precision(weight.dtype), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+        PREC=dot_precision(weight.dtype), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..backend import triton_interpreted
-from .patch_embed import _TL_DTYPES, to_dtype_rtne
+from .common import TL_DTYPES, to_dtype_rtne
 
 _EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's default
 
@@ -146,7 +146,7 @@ def selection_probs_triton(
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    if dtype not in _TL_DTYPES:
+    if dtype not in TL_DTYPES:
         raise TypeError(f"the triton backend scores float32/float16/bfloat16 inputs, got {dtype}")
     feature, prompt = feature.to(dtype), prompt.to(dtype)
     if highres_feature is not None:
@@ -165,7 +165,7 @@ def selection_probs_triton(
         out, feature, prompt, hr, hp,
         C, h, w, *feature.stride(), *prompt.stride(),
         hr.shape[1], hr.shape[2], hr.shape[3], *hr.stride(), *hp.stride(),
-        HAS_HR=has_hr, KH=kh, KW=kw, BIN=triton.next_power_of_2(kh * kw), DTYPE=_TL_DTYPES[feature.dtype],
+        HAS_HR=has_hr, KH=kh, KW=kw, BIN=triton.next_power_of_2(kh * kw), DTYPE=TL_DTYPES[feature.dtype],
         INTERPRETED=interpreted, BLOCK_P=block_p, BLOCK_C=64,
     )
     return out

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from .common import dot_precision, mma
 
 _LOG2E = 1.4426950408889634
 
@@ -76,21 +77,11 @@ def _store_tiles(base, rows, row_stride8, row_mask, x0, x1, D0: tl.constexpr, D1
 
 
 @triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr):
-    """``acc + a @ b`` in fp32. PREC "upcast" multiplies fp32 copies: the CPU interpreter cannot multiply bf16."""
-    if PREC == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        out = tl.dot(a, b, acc, input_precision=PREC)
-    return out
-
-
-@triton.jit
 def _dot_nt(a0, a1, b0, b1, D1: tl.constexpr, PREC: tl.constexpr):
     """``a @ b.T`` contracted over both head-dim tiles, in fp32."""
-    out = _mma(a0, tl.trans(b0), None, PREC)
+    out = mma(a0, tl.trans(b0), None, PREC)
     if D1 > 0:
-        out = _mma(a1, tl.trans(b1), out, PREC)
+        out = mma(a1, tl.trans(b1), out, PREC)
     return out
 
 
@@ -98,9 +89,9 @@ def _dot_nt(a0, a1, b0, b1, D1: tl.constexpr, PREC: tl.constexpr):
 def _dot_acc(p, b0, b1, acc0, acc1, D1: tl.constexpr, PREC: tl.constexpr):
     """``acc += p @ b`` for each head-dim tile of ``b`` (``p`` is rounded to ``b``'s dtype first)."""
     p = p.to(b0.dtype)
-    acc0 = _mma(p, b0, acc0, PREC)
+    acc0 = mma(p, b0, acc0, PREC)
     if D1 > 0:
-        acc1 = _mma(p, b1, acc1, PREC)
+        acc1 = mma(p, b1, acc1, PREC)
     return acc0, acc1
 
 
@@ -389,14 +380,6 @@ def _aligned(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [t if t is None or ok(t) else t.contiguous() for t in tensors]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 gets exact fp32 dots (torch's default matmul precision), not tf32; under the CPU
-    interpreter bf16 is multiplied as fp32 copies (it has no bf16 matmul). fp16/bf16 ignore it."""
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if dtype == torch.bfloat16 and triton_interpreted() else "tf32"
-
-
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor? prefix_k, Tensor? prefix_v, "
     "Tensor? prefix_index, float softmax_scale, SymInt? max_seqlen) -> (Tensor, Tensor)"
@@ -431,7 +414,7 @@ def _attention_op(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, softmax
         *_strides(q, k, v, prefix_k, prefix_v),
         total, num_heads, prefix_k.shape[2] if has_prefix else 0, softmax_scale * _LOG2E,
         HAS_PREFIX=has_prefix, HEAD_DIM=head_dim, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -462,7 +445,7 @@ def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, prefix_k, pr
     d0, d1 = _head_tiles(head_dim)
     config = _launch_config(head_dim, q.dtype)
     prefix_len = prefix_k.shape[2] if has_prefix else 0
-    common = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, PREC=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, PREC=dot_precision(q.dtype))
     strides = _strides(q, k, v, prefix_k, prefix_v)
     pk, pv, index = (prefix_k, prefix_v, prefix_index) if has_prefix else (q, q, cu_seqlens)
 

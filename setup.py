@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "triton>=3.6", "pytest-benchmark"],
+        "test": ["pytest", "triton>=3.6", "pytest-benchmark", "matplotlib", "tqdm"],
         "bench": ["triton>=3.6", "matplotlib", "tqdm", "pytest-benchmark"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],

@@ -283,8 +283,9 @@ class PS3VisionEncoder(nn.Module):
         look_maps = []
         for s in range(num_high):
             flat = torch.full((B, n_max[s]), float("-inf"), device=device, dtype=probs[s][0].dtype)
-            for b in range(B):  # host loop over tiny (h, w) maps only; no sync
-                flat[b, : probs[s][b].numel()] = probs[s][b].flatten()
+            for idx in _group_by([probs[s][b].numel() for b in range(B)]).values():
+                rows = torch.tensor(idx).to(device, non_blocking=True)
+                flat[rows, : probs[s][idx[0]].numel()] = torch.stack([probs[s][b] for b in idx]).flatten(1)
             quotas = torch.tensor([[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans], dtype=torch.long)
             look_maps.append(assign_looks(flat, quotas.to(device, non_blocking=True)))
 
@@ -381,9 +382,7 @@ class PS3VisionEncoder(nn.Module):
         probs, prior, posterior = self._selection_probs(images, low_hidden, args.prompt, args.gt_maps, smooth_selection_prob)
 
         if no_look:
-            return self._finish(batched, B, last_hidden_state=[low_hidden[-1][b : b + 1] for b in range(B)],
-                                hidden_states=[[h[b : b + 1] for h in low_hidden] for b in range(B)],
-                                selection_probs=probs, bottomup=prior, topdown=posterior)
+            return self._finish(batched, [h if batched else list(h.split(1)) for h in low_hidden], None, None, probs, prior, posterior)
 
         plans = self._plans(images, args, output_hidden_states, batched)
         look_maps, tokens, lengths, seq_image, grids, scale_off, stride = self._select_and_pack(images, probs, plans)
@@ -396,21 +395,24 @@ class PS3VisionEncoder(nn.Module):
         scale_off_t = torch.tensor(scale_off, device=embedded.device)
         order = torch.argsort(tokens.image * stride + scale_off_t[tokens.scale] + self._raster(tokens, grids))
         counts = [sum(sum(look) for look in plans[b]) for b in range(B)]
-        maps = [[(look_maps[s][b, : grids[b][s][0] * grids[b][s][1]] >= 0).to(probs[s][b].dtype).view(*grids[b][s]) for s in range(len(grids[b]))] for b in range(B)]
-        hidden = [h[order].split(counts) for h in high.hidden_states]
+        maps = [[(look_maps[s][b, : h * w] >= 0).to(probs[s][b].dtype).view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)]
 
         if output_hidden_states:
             low_keep = low_hidden[len(low_hidden) - keep :]
-            per_image = [[torch.cat([lo[b], hi[b]], dim=0)[None] for lo, hi in zip(low_keep, hidden)] for b in range(B)]
-            return self._finish(batched, B, last_hidden_state=[h[-1] for h in per_image], hidden_states=per_image,
-                                selection_maps=maps, selection_probs=probs, bottomup=prior, topdown=posterior)
+            layers = [self._join(lo, hi[order], counts, batched) for lo, hi in zip(low_keep, high.hidden_states)]
+            return self._finish(batched, layers, None, maps, probs, prior, posterior)
 
-        pooled = self._pooled(images, hidden[-1], tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only)
+        pooled = self._pooled(high.hidden_states[-1][order], tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only)
         if args.is_global_text is not None:
-            low_pooled = self._pool(low_hidden[-1])
-            pooled = torch.where(args.is_global_text, low_pooled, pooled)
-        return self._finish(batched, B, pooled_output=[pooled[b : b + 1] for b in range(B)], selection_maps=maps,
-                            selection_probs=probs, bottomup=prior, topdown=posterior)
+            pooled = torch.where(args.is_global_text, self._pool(low_hidden[-1]), pooled)
+        return self._finish(batched, None, pooled if batched else list(pooled.split(1)), maps, probs, prior, posterior)
+
+    @staticmethod
+    def _join(low: torch.Tensor, high: torch.Tensor, counts: list[int], batched: bool):
+        """Low-res tokens then each image's high-res tokens: ``(B, N, C)``, or per-image ``(1, N_b, C)``."""
+        if batched:  # equal counts: one copy, no per-image pieces
+            return torch.cat([low, high.view(low.shape[0], counts[0], -1)], dim=1)
+        return [torch.cat([lo, hi], dim=0)[None] for lo, hi in zip(low, high.split(counts))]
 
     @staticmethod
     def _raster(tokens: PatchTokens, grids) -> torch.Tensor:
@@ -432,65 +434,63 @@ class PS3VisionEncoder(nn.Module):
             plans.append(plan)
         return plans
 
-    def _pooled(self, images, last, tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only):
-        """MAP-pool each image's high-res tokens (upstream's pre-training output)."""
-        B = len(images)
-        n = max(counts)
-        padded = last[0].new_zeros(B, n, last[0].shape[-1])
-        valid = torch.zeros(B, n, dtype=torch.bool, device=padded.device)
-        for b in range(B):
-            padded[b, : counts[b]] = last[b]
-            valid[b, : counts[b]] = True
+    def _pooled(self, last, tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only):
+        """MAP-pool each image's high-res tokens (upstream's pre-training output).
+
+        ``last`` holds the final layer's tokens in output order; with ``pool_gt_token_only``
+        only tokens whose cell the gt map covers are pooled (all of them if it covers none).
+        """
+        B = len(counts)
+        pad = torch.nn.utils.rnn.pad_sequence
+        padded = pad(list(last.split(counts)), batch_first=True)
+        valid = torch.arange(padded.shape[1], device=last.device)[None] < torch.tensor(counts, device=last.device)[:, None]
         mask = valid
         if pool_gt_token_only:
-            gt_flat = torch.zeros(B, stride, device=padded.device)
-            for b in range(B):
+            gt_flat = torch.zeros(B, stride, device=last.device)
+            for b in range(B):  # tiny (h, w) maps of the pre-training path
                 gt = args.gt_maps[b]
                 for s, size in enumerate(grids[b]):
                     m = F.interpolate(gt[None, None].float(), size=size, mode="area")[0, 0].to(gt.dtype)
                     gt_flat[b, scale_off[s] : scale_off[s] + m.numel()] = m.flatten().float()
-            sel = gt_flat[tokens.image[order], torch.tensor(scale_off, device=padded.device)[tokens.scale[order]] + self._raster(tokens, grids)[order]]
-            gt_mask = torch.zeros(B, n, dtype=torch.bool, device=padded.device)
-            for b, part in enumerate(sel.split(counts)):
-                gt_mask[b, : counts[b]] = part != 0
-            empty = ~gt_mask.any(dim=1, keepdim=True)
-            mask = torch.where(empty, valid, gt_mask)
+            scale_off_t = torch.tensor(scale_off, device=last.device)
+            covered = gt_flat[tokens.image[order], scale_off_t[tokens.scale[order]] + self._raster(tokens, grids)[order]] != 0
+            gt_mask = pad(list(covered.split(counts)), batch_first=True)
+            mask = torch.where(gt_mask.any(dim=1, keepdim=True), gt_mask, valid)
         return self._pool(padded, mask)
 
-    def _finish(self, batched, B, last_hidden_state=None, hidden_states=None, pooled_output=None,
-                selection_maps=None, selection_probs=None, bottomup=None, topdown=None) -> PS3VisionModelOutput:
-        """Per-image pieces -> upstream's batched layout (tensor input) or per-image lists."""
-        def probs_of(p, b):
-            return None if p is None else [s[b][None] for s in p]
+    @staticmethod
+    def _finish(batched, layers, pooled, maps, probs, bottomup, topdown) -> PS3VisionModelOutput:
+        """Upstream's batched layout for a tensor input; per-image lists for a list input.
 
-        def maps_of(b):
-            return None if selection_maps is None else [m[None] for m in selection_maps[b]]
+        ``layers`` (kept hidden layers) and ``pooled`` come already in that layout; ``maps``
+        (``[image][scale]``) and the probabilities (``[scale][image]``) are small per-image maps.
+        """
+        B = len(probs[0])
+        if batched:
+            def scales(p):
+                return None if p is None else [torch.stack(s) for s in p]
 
-        if not batched:
             return PS3VisionModelOutput(
-                last_hidden_state=last_hidden_state,
-                hidden_states=hidden_states,
-                pooled_output=pooled_output,
-                selection_maps=None if selection_maps is None else [maps_of(b) for b in range(B)],
-                selection_probs=[probs_of(selection_probs, b) for b in range(B)],
-                bottomup_selection_probs=[probs_of(bottomup, b) for b in range(B)],
-                topdown_selection_probs=None if topdown is None else [probs_of(topdown, b) for b in range(B)],
+                last_hidden_state=None if layers is None else layers[-1],
+                hidden_states=layers,
+                pooled_output=pooled,
+                selection_maps=None if maps is None else [torch.stack(s) for s in zip(*maps)],
+                selection_probs=scales(probs),
+                bottomup_selection_probs=scales(bottomup),
+                topdown_selection_probs=scales(topdown),
             )
 
-        def cat(items):
-            return None if items is None else torch.cat(items)
-
-        def cat_scales(p):
-            return None if p is None else [torch.stack(s) for s in p]
+        def per_image(p):
+            return None if p is None else [[s[b][None] for s in p] for b in range(B)]
 
         return PS3VisionModelOutput(
-            last_hidden_state=cat(last_hidden_state),
-            hidden_states=None if hidden_states is None else [torch.cat(layer) for layer in zip(*hidden_states)],
-            pooled_output=cat(pooled_output),
-            selection_maps=None if selection_maps is None else [torch.stack(s) for s in zip(*selection_maps)],
-            selection_probs=cat_scales(selection_probs),
-            bottomup_selection_probs=cat_scales(bottomup),
-            topdown_selection_probs=cat_scales(topdown),
+            last_hidden_state=None if layers is None else layers[-1],
+            hidden_states=None if layers is None else [list(per) for per in zip(*layers)],
+            pooled_output=pooled,
+            selection_maps=None if maps is None else [[m[None] for m in per] for per in maps],
+            selection_probs=per_image(probs),
+            bottomup_selection_probs=per_image(bottomup),
+            topdown_selection_probs=per_image(topdown),
         )
 
 

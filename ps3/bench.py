@@ -44,7 +44,7 @@ from .baselines import (
     s2_geometry,
 )
 from .configuration_ps3 import PS3VisionConfig
-from .demo import demo_config
+from .demo import demo_config, randomize_parameters_
 from .modeling_ps3 import PS3VisionModel
 from .selection_plan import plan_looks
 
@@ -111,19 +111,6 @@ def model_config(preset: Preset, resolution: int) -> PS3VisionConfig:
     return PS3VisionConfig(model_name="vit_so400m_patch14_siglip_384", ps3_scales=scales, max_select_num=preset.max_select_num)
 
 
-def _random_init_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights in place on the model's device (timing does not depend on the values)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.02, generator=gen)
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
-    return model
-
-
 def build_model(config: PS3VisionConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> PS3VisionModel:
     """A random model allocated straight on ``device`` (``"meta"`` for counting only).
 
@@ -132,7 +119,7 @@ def build_model(config: PS3VisionConfig, device: str | torch.device, dtype: torc
     with torch.device("meta"):
         model = PS3VisionModel(config).to(dtype)
     if torch.device(device).type != "meta":
-        model = _random_init_(model.to_empty(device=device), seed)
+        model = randomize_parameters_(model.to_empty(device=device), seed)
     model.vision_model.num_hidden_layers_to_return = 1
     return model.eval().requires_grad_(False)
 

@@ -23,15 +23,20 @@ def demo_config(**overrides) -> PS3VisionConfig:
 
 
 def randomize_parameters_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values for every parameter (upstream zero-inits several, which would hide paths)."""
-    gen = torch.Generator().manual_seed(seed)
+    """Random values for every parameter, drawn on the parameter's device.
+
+    Upstream zero-inits several parameters, which would hide whole paths in tests; here
+    1-D weights (norms, layer scales) are ``N(1, 0.1)`` and everything else ``N(0, fan_in^-1/2)``.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
+            gen = generators.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
             if name.endswith(".weight") and p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.normal_(1.0, 0.1, generator=gen)
             else:
                 fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-                p.copy_(torch.randn(p.shape, generator=gen) * fan_in**-0.5)
+                p.normal_(0.0, fan_in**-0.5, generator=gen)
     return model
 
 

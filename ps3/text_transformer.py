@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from .configuration_ps3 import PS3TextConfig
+from .vit import Mlp
 
 POOL_TYPES = ("first", "last", "argmax", "none")
 
@@ -102,20 +103,6 @@ class Transformer(nn.Module):
         return x
 
 
-class PromptProjector(nn.Module):
-    """timm-``Mlp``-shaped head: fc1 -> GELU -> LayerNorm -> fc2 (keys ``fc1``, ``norm``, ``fc2``)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, dim)
-        self.act = nn.GELU()
-        self.norm = nn.LayerNorm(dim)
-        self.fc2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(self.act(self.fc1(x))))
-
-
 class TextTransformer(nn.Module):
     """Token ids ``(N, T)`` -> :class:`PS3TextModelOutput` (``pooled_output``, ``prompt``).
 
@@ -146,7 +133,7 @@ class TextTransformer(nn.Module):
             self.text_projection = nn.Linear(width, config.output_dim)
         else:
             self.text_projection = nn.Parameter(torch.empty(width, config.output_dim))
-        self.prompt_proj = PromptProjector(config.output_dim, config.prompt_proj_dim)
+        self.prompt_proj = Mlp(config.output_dim, config.prompt_proj_dim, config.prompt_proj_dim, norm=True)
         self.init_parameters()
 
     def init_parameters(self) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .vit import Mlp
+
 if TYPE_CHECKING:
     from .vision_tower import PS3VisionTower
 
@@ -33,7 +35,6 @@ PROMPT_HEAD_TYPES = ("linear", "mlp")
 __all__ = [
     "IMAGE_TOKEN_INDEX",
     "LookCloseSettings",
-    "PromptHeadMlp",
     "TokenDownsample",
     "VilaHDInputs",
     "VilaHDPipeline",
@@ -83,20 +84,6 @@ class TokenDownsample(nn.Module):
         if h * w != N:
             raise ValueError(f"feature_size {tuple(feature_size)} does not hold {N} tokens")
         return downsample_tokens(x.reshape(B, h, w, C), self.ratio).flatten(1, 2)
-
-
-class PromptHeadMlp(nn.Module):
-    """timm ``Mlp(norm_layer=LayerNorm)`` as VILA builds it: fc1 -> GELU -> LayerNorm -> fc2."""
-
-    def __init__(self, in_features: int, hidden_features: int, out_features: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.norm = nn.LayerNorm(hidden_features)
-        self.fc2 = nn.Linear(hidden_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
 def _projector_layers(kind: str, vision_width: int, llm_width: int) -> nn.Sequential:
@@ -171,7 +158,7 @@ class VilaHDProjector(nn.Module):
             if top_down_prompt_head_type == "linear":
                 self.top_down_prompt_head = nn.Linear(hidden_size, mm_hidden_size)
             elif top_down_prompt_head_type == "mlp":
-                self.top_down_prompt_head = PromptHeadMlp(hidden_size, 2 * mm_hidden_size, mm_hidden_size)
+                self.top_down_prompt_head = Mlp(hidden_size, 2 * mm_hidden_size, mm_hidden_size, norm=True)
             else:
                 raise ValueError(f"top_down_prompt_head_type must be one of {PROMPT_HEAD_TYPES} or None, got {top_down_prompt_head_type!r}")
             # VILA's init (uniform +-0.02 except norms), so training from scratch starts alike.

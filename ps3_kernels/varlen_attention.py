@@ -76,7 +76,12 @@ def varlen_prefix_attention_reference(
     prefix_index: torch.Tensor | None = None,
     max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch reference: pad every sequence to ``max_seqlen`` and run masked SDPA."""
+    """Pure-PyTorch reference: pad every sequence to ``max_seqlen`` and run masked SDPA.
+
+    When all sequences have the same length (known from host ints alone: ``total ==
+    num_seqs * max_seqlen``) it needs no padding and no mask, which lets SDPA take its fused
+    kernels instead of materialising the attention matrix.
+    """
     total, heads, dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(device=q.device, dtype=torch.long)
@@ -85,24 +90,30 @@ def varlen_prefix_attention_reference(
         max_seqlen = int(lengths.max()) if num_seqs > 0 else 0
     if total == 0 or num_seqs == 0:
         return q.new_empty(q.shape)
-    seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), lengths, output_size=total)
-    pos = torch.arange(total, device=q.device) - cu[seq_id]
+    uniform = total == num_seqs * max_seqlen
+    if uniform:
+        def pad(x):
+            return x.view(num_seqs, max_seqlen, heads, dim).transpose(1, 2)  # (S, H, L, D)
+    else:
+        seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), lengths, output_size=total)
+        pos = torch.arange(total, device=q.device) - cu[seq_id]
 
-    def pad(x):
-        out = x.new_zeros(num_seqs, max_seqlen, heads, dim)
-        out[seq_id, pos] = x
-        return out.transpose(1, 2)  # (S, H, L, D)
+        def pad(x):
+            out = x.new_zeros(num_seqs, max_seqlen, heads, dim)
+            out[seq_id, pos] = x
+            return out.transpose(1, 2)
 
     qp, kp, vp = pad(q), pad(k), pad(v)
-    key_valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
+    mask = None if uniform else torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
     if prefix_k is not None:
         index = prefix_index.to(q.device, torch.long) if prefix_index is not None else torch.arange(num_seqs, device=q.device)
         kp = torch.cat([prefix_k[index].to(q.dtype), kp], dim=2)
         vp = torch.cat([prefix_v[index].to(q.dtype), vp], dim=2)
-        prefix_valid = key_valid.new_ones(num_seqs, prefix_k.shape[2])
-        key_valid = torch.cat([prefix_valid, key_valid], dim=1)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_valid[:, None, None, :], scale=softmax_scale)
-    return out.transpose(1, 2)[seq_id, pos]
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(num_seqs, prefix_k.shape[2]), mask], dim=1)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=None if mask is None else mask[:, None, None, :], scale=softmax_scale)
+    out = out.transpose(1, 2)
+    return out.reshape(total, heads, dim) if uniform else out[seq_id, pos]
 
 
 IMPLS = ("torch", "triton", "sdpa", "flex", "flash_attn", "xformers")

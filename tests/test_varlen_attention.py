@@ -37,6 +37,8 @@ CASES = {
     "shared_rows_P19": ([5, 40, 16, 3], 3, (19, 2, [1, 0, 1, 1])),
     "P1_empty_first": ([0, 31, 1], 4, (1, 3, None)),
     "unused_rows_P20": ([16, 32], 1, (20, 4, [3, 3])),
+    "equal_lengths_P7": ([9, 9, 9], 2, (7, 2, [0, 1, 1])),  # the reference's unpadded path
+    "equal_lengths_no_prefix": ([12, 12], 2, None),
 }
 
 

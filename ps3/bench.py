@@ -538,7 +538,10 @@ def _ratio_table(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
-    """FLOPs and latency per image vs resolution, one line per method (log scale)."""
+    """FLOPs and latency per image vs resolution, one line per method (log scale).
+
+    Without timings (``--count-only``) the second panel shows encoder tokens instead.
+    """
     try:
         import matplotlib
 
@@ -548,17 +551,21 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
         print("matplotlib is not installed: skipping the plot (pip install 'ps3-kernels[bench]')", file=sys.stderr)
         return False
     batch = min((r["batch"] for r in records), default=1)
-    fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    timed = any(r["latency_ms_per_image"] for r in records)
+    right_key, right_title = (
+        ("latency_ms_per_image", f"latency per image (ms), batch {batch}") if timed else ("tokens", "encoder tokens per image")
+    )
+    fig, (ax_f, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in dict.fromkeys(r["method"] for r in records):
         rows = sorted((r for r in records if r["method"] == method and r["batch"] == batch), key=lambda r: r["resolution"])
         flops = [(r["resolution"], r["flops_per_image"] / 1e9) for r in rows if r["flops_per_image"]]
-        lat = [(r["resolution"], r["latency_ms_per_image"]) for r in rows if r["latency_ms_per_image"]]
+        right = [(r["resolution"], r[right_key]) for r in rows if r[right_key]]
         style = "--" if method.startswith("upstream") else "-"
         if flops:
             ax_f.plot(*zip(*flops), style, marker="o", label=method)
-        if lat:
-            ax_t.plot(*zip(*lat), style, marker="o", label=method)
-    for ax, title in ((ax_f, "GFLOP per image"), (ax_t, f"latency per image (ms), batch {batch}")):
+        if right:
+            ax_r.plot(*zip(*right), style, marker="o", label=method)
+    for ax, title in ((ax_f, "GFLOP per image"), (ax_r, right_title)):
         ax.set_yscale("log")
         ax.set_xlabel("resolution (px)")
         ax.set_title(title)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ps3.bench import environment
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.patch_embed import PatchTokens, sparse_patch_embed
@@ -178,8 +178,7 @@ def main() -> None:
                       f"{row['achieved_bytes_per_s'] / 1e9:7.1f} GB/s of floor  err {err:.1e}")
                 del case
                 torch.cuda.empty_cache()
-    meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype=args.dtype,
-                python=platform.python_version(), peak_bytes_per_s=peak)
+    meta = dict(environment("cuda"), dtype=args.dtype, peak_bytes_per_s=peak)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
     print(f"wrote {args.out}")

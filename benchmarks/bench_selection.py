@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from ps3.bench import environment
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.selection import assign_looks, selection_probs
@@ -116,7 +116,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_selection.py times CUDA kernels and needs a CUDA GPU; none is visible.")
-    import triton
     import triton.testing
 
     dtype = getattr(torch, args.dtype)
@@ -157,8 +156,7 @@ def main() -> None:
                 print(f"{resolution:5d}px L={looks:<2d} B={batch:<3d} score {t_score_ref:.3f} -> {t_score:.3f} ms   "
                       f"assign {t_loop:8.3f} -> {t_assign:.3f} ms (graph {graph})   "
                       f"total x{row['total_speedup']:.1f}")
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                dtype=args.dtype, python=platform.python_version(), tokens_per_look=args.tokens)
+    meta = dict(environment("cuda"), dtype=args.dtype, tokens_per_look=args.tokens)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
     print(f"wrote {args.out}")

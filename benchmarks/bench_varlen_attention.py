@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from typing import Any, Callable
 
 import torch
 
+from ps3.bench import environment
 from ps3_kernels.varlen_attention import available_impls, prepare_impl, varlen_prefix_attention
 
 HEADS, HEAD_DIM, PREFIX_LEN, LOOK = 16, 72, 729, 2560
@@ -155,13 +154,6 @@ def bench_case(name: str, lengths: list[int], index: list[int], impls: list[str]
     return records
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file for the results")
@@ -170,7 +162,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_varlen_attention.py times CUDA kernels and needs a CUDA GPU; none is visible.")
-    import triton
 
     available = available_impls()
     peers = [p for p in (args.peers if args.peers is not None else PEERS) if p in available]
@@ -178,8 +169,7 @@ def main() -> None:
     records = []
     for name, lengths, index in cases(args.batches):
         records += bench_case(name, lengths, index, ["triton", *peers], torch.bfloat16)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), git_commit=git_commit(), dtype="bfloat16", heads=HEADS,
+    meta = dict(environment("cuda"), dtype="bfloat16", heads=HEADS,
                 head_dim=HEAD_DIM, prefix_len=PREFIX_LEN, look=LOOK, peers=peers,
                 flops="fwd: 4*q_len*(P+k_len)*d*heads per sequence; fwd_bwd: 3.5x fwd",
                 triton_speedup="peer ms / triton ms, same case and mode")

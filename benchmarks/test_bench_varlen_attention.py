@@ -6,18 +6,12 @@ bookkeeping (records, FLOPs, speed ratios) is exercised without a GPU.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
-import pytest  # noqa: E402
-
-import bench_varlen_attention as bench  # noqa: E402
-from ps3_kernels import use_backend, varlen_prefix_attention  # noqa: E402
-from ps3_kernels.backend import triton_available  # noqa: E402
+import bench_varlen_attention as bench
+from ps3_kernels import use_backend, varlen_prefix_attention
+from ps3_kernels.backend import triton_available
 
 TINY = dict(heads=2, head_dim=24, prefix_len=5)
 

@@ -1,12 +1,7 @@
-"""Run Triton kernels under the interpreter when there is no GPU (must precede any triton import)."""
-
-import os
+"""Shared fixtures (the Triton interpreter switch is in the root conftest)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

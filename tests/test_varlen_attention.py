@@ -3,27 +3,21 @@ against the float64 PyTorch reference, which is itself checked against a brute-f
 
 from __future__ import annotations
 
-import os
+import types
+import warnings
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-
-import types  # noqa: E402
-import warnings  # noqa: E402
-
-import pytest  # noqa: E402
-
-from ps3_kernels.backend import triton_available  # noqa: E402
-from ps3_kernels.varlen_attention import (  # noqa: E402
+from ps3_kernels.backend import triton_available
+from ps3_kernels.varlen_attention import (
     available_impls,
     prepare_impl,
     varlen_prefix_attention,
     varlen_prefix_attention_reference,
 )
 
-from helpers import rel_err  # noqa: E402
+from helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -517,7 +517,8 @@ class PS3PreTrainedModel(PreTrainedModel):
             raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} does not match {cls.__name__}: {problems}")
         return (model, info) if wants_info else model
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        """transformers' hook behind ``gradient_checkpointing_enable``: checkpoint each trunk block."""
         for module in self.modules():
             if isinstance(module, VisionTrunk):
                 module.grad_checkpointing = enable

@@ -195,3 +195,19 @@ def test_towers_load_from_a_combined_ps3_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.equal(vision(x, num_look_close=1).last_hidden_state, full.eval().encode_image(x, num_look_close=1).last_hidden_state)
         assert rel_err(text_model(ids).prompt, full.encode_text(ids).prompt) < 1e-6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool):
+        model = randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=4).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.vision_model.trunk.grad_checkpointing
+        x = torch.stack(images((224, 200), seed=11))
+        model(x, num_look_close=2).last_hidden_state.square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name in plain:
+        assert rel_err(checkpointed[name], plain[name]) < 1e-5, name

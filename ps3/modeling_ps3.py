@@ -518,9 +518,10 @@ class PS3PreTrainedModel(PreTrainedModel):
         return (model, info) if wants_info else model
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
-        """transformers' hook behind ``gradient_checkpointing_enable``: checkpoint each trunk block."""
+        """transformers' hook behind ``gradient_checkpointing_enable``: checkpoint each block
+        of the vision trunk and of the text transformer."""
         for module in self.modules():
-            if isinstance(module, VisionTrunk):
+            if hasattr(module, "grad_checkpointing"):
                 module.grad_checkpointing = enable
 
 

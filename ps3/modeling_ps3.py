@@ -149,8 +149,9 @@ class PS3VisionEncoder(nn.Module):
         grid = self.trunk.grid_size
         if size == (grid, grid):
             return pos[0]
-        key = (size, pos.data_ptr(), pos._version, pos.dtype, pos.device)
-        cacheable = not (torch.is_grad_enabled() and pos.requires_grad)
+        # Not cached under torch.compile (the graph computes it once) or while it needs gradients.
+        cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and pos.requires_grad)
+        key = (size, pos.data_ptr(), pos._version, pos.dtype, pos.device) if cacheable else None
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]
         table = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
@@ -279,7 +280,7 @@ class PS3VisionEncoder(nn.Module):
         B, num_high = len(images), len(self.ps3_scales) - 1
         grids = [[self.feature_size_scale_i(im, s + 1) for s in range(num_high)] for im in images]
         n_max = [max(grids[b][s][0] * grids[b][s][1] for b in range(B)) for s in range(num_high)]
-        max_looks = max((len(p) for p in plans), default=0)
+        max_looks = max([0] + [len(p) for p in plans])
         look_maps = []
         for s in range(num_high):
             flat = torch.full((B, n_max[s]), float("-inf"), device=device, dtype=probs[s][0].dtype)

@@ -54,7 +54,7 @@ class PackedSequences:
         index = None
         if prefix_index is not None:
             index = torch.tensor(prefix_index, dtype=torch.int32).to(device, non_blocking=True)
-        return cls(cu_seqlens, max(lengths, default=0), index)
+        return cls(cu_seqlens, max([0, *lengths]), index)
 
 
 class Attention(nn.Module):

@@ -84,3 +84,16 @@ def test_cuda_forward_has_no_syncs():
             model(x, num_look_close=2)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_look_close=2), dict(output_hidden_states=False)])
+def test_vision_forward_traces_as_one_graph(kwargs):
+    """torch.compile(fullgraph=True) fails on any graph break, host sync or data-dependent shape."""
+    model = randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=3).eval()
+    x = torch.randn(2, 3, 224, 200)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad(), use_backend("torch"):
+        got = compiled(x, **kwargs)
+        ref = model(x, **kwargs)
+    key = "last_hidden_state" if "num_look_close" in kwargs else "pooled_output"
+    assert torch.equal(getattr(got, key), getattr(ref, key))

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modeling_ps3 import PS3VisionEncoder
+from .packing import group_by, resize_bicubic
 
 POS_MODES = ("crop", "exact")
 
@@ -35,13 +36,6 @@ class SequenceGroup:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize in fp32 (``align_corners=False``, no antialias), back to ``x``'s dtype."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x.float(), size=size, mode="bicubic").to(x.dtype)
 
 
 def _check_images(images: torch.Tensor, name: str = "images") -> None:
@@ -154,8 +148,8 @@ def anyres_encode(
     s0 = encoder.ps3_scales[0]
     rows, cols = anyres_grid(s0, grid, resolution)
     B = images.shape[0]
-    thumb = resize_images(images, (s0, s0))[:, None]
-    crops = _tile(resize_images(images, (rows * s0, cols * s0)), rows, cols)
+    thumb = resize_bicubic(images, (s0, s0))[:, None]
+    crops = _tile(resize_bicubic(images, (rows * s0, cols * s0)), rows, cols)
     feats = dense_features(encoder, torch.cat([thumb, crops], dim=1).flatten(0, 1), layer)
     return feats.reshape(B, -1, feats.shape[-1])
 
@@ -226,11 +220,9 @@ def s2_forward(
         raise ValueError(f"resize_output_to_idx={resize_output_to_idx} is out of range for {len(sizes)} scales")
     splits = s2_splits(sizes, max_split_size)
     B = x.shape[0]
-    crops = [_tile(resize_images(x, (s, s)), n, n).flatten(0, 1) for s, n in zip(sizes, splits)]
+    crops = [_tile(resize_bicubic(x, (s, s)), n, n).flatten(0, 1) for s, n in zip(sizes, splits)]
 
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, c in enumerate(crops):
-        groups.setdefault(tuple(c.shape[-2:]), []).append(i)
+    groups = group_by([tuple(c.shape[-2:]) for c in crops])
     encoded: list[torch.Tensor | None] = [None] * len(crops)
     for idx in groups.values():
         out = model_fn(torch.cat([crops[i] for i in idx]))
@@ -415,10 +407,10 @@ def llava_uhd_encode(
         return resampler(feats, grid) if resampler is not None else feats
 
     oh, ow = layout.overview_grid
-    parts = [encode(resize_images(images, (oh * p, ow * p)), layout.overview_grid)]
+    parts = [encode(resize_bicubic(images, (oh * p, ow * p)), layout.overview_grid)]
     if layout.slice_grid is not None:
         (sh, sw), rows, cols = layout.slice_grid, layout.rows, layout.cols
-        slices = _tile(resize_images(images, (rows * sh * p, cols * sw * p)), rows, cols).flatten(0, 1)
+        slices = _tile(resize_bicubic(images, (rows * sh * p, cols * sw * p)), rows, cols).flatten(0, 1)
         feats = encode(slices, layout.slice_grid)
         parts.append(feats.reshape(B, -1, feats.shape[-1]))
     return torch.cat(parts, dim=1)

@@ -114,6 +114,9 @@ class PS3VisionConfig(PretrainedConfig):
             raise ValueError("config.radio=True (C-RADIO trunks) is not supported by this package")
         if self.class_token:
             raise ValueError("config.class_token must be false: PS3 trunks have no prefix tokens")
+        for name in ("drop_path", "patch_drop"):
+            if getattr(self, name):
+                raise ValueError(f"config.{name}={getattr(self, name)} is not supported (stochastic depth / patch dropout)")
         if self.model_name in KNOWN_TRUNKS:
             known = KNOWN_TRUNKS[self.model_name]
             return TrunkSpec(width=self.hidden_size, **known)

@@ -10,7 +10,7 @@ their selection counts differ) and concatenates the cache onto K/V in every laye
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from ps3_kernels.patch_embed import PatchTokens
 
 from .configuration_ps3 import PS3Config, PS3TextConfig, PS3VisionConfig
 from .convnext import ShallowConvNet
+from .packing import group_by, resize_bicubic
 from .selection_plan import default_quotas, plan_looks
 from .text_transformer import TextTransformer
 from .validation import LookArgs, check_images, check_look_args
@@ -43,20 +44,6 @@ class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
     selection_probs: Any = None
     bottomup_selection_probs: Any = None
     topdown_selection_probs: Any = None
-
-
-def _resize(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize (fp32, align_corners=False, no antialias) of same-size images, stacked."""
-    x = torch.stack(images).float()
-    return F.interpolate(x, size=size, mode="bicubic").to(images[0].dtype)
-
-
-def _group_by(keys: Sequence) -> dict:
-    """Indices of equal keys, in first-seen order (images of one size are processed together)."""
-    groups: dict = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    return groups
 
 
 class PS3VisionEncoder(nn.Module):
@@ -82,8 +69,14 @@ class PS3VisionEncoder(nn.Module):
         )
         num_high = len(self.ps3_scales) - 1
         num_sel = len(config.select_based_on_layer)
-        if any(not 0 <= i < spec.depth for i in config.select_based_on_layer):
-            raise ValueError(f"config.select_based_on_layer={config.select_based_on_layer} must index layers 0..{spec.depth - 1}")
+        if any(not -spec.depth <= i < spec.depth for i in config.select_based_on_layer):
+            raise ValueError(f"config.select_based_on_layer={config.select_based_on_layer} must index the {spec.depth} layers")
+        quotas = self.max_select_num_each_scale
+        if len(quotas) != len(self.ps3_scales) - 1 or any(isinstance(q, bool) or not isinstance(q, int) or q < 0 for q in quotas):
+            raise ValueError(
+                f"config.max_select_num_each_scale={config.max_select_num_each_scale} needs one int >= 0 per "
+                f"high-res scale ({len(self.ps3_scales) - 1})"
+            )
         self.selection_feature_proj = Mlp(self.width * num_sel, self.width * num_sel, self.width * num_high, norm=True)
         self.prior_prompt = nn.Parameter(torch.randn(self.width))
         if config.separate_pos_emb:
@@ -209,8 +202,8 @@ class PS3VisionEncoder(nn.Module):
     @staticmethod
     def _resize_all(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Resize every image to ``size`` (one interpolate call per distinct input size)."""
-        groups = _group_by([im.shape for im in images])
-        x = torch.cat([_resize([images[i] for i in idx], size) for idx in groups.values()])
+        groups = group_by([im.shape for im in images])
+        x = torch.cat([resize_bicubic(torch.stack([images[i] for i in idx]), size) for idx in groups.values()])
         order = [i for idx in groups.values() for i in idx]
         if order != sorted(order):
             x = x[torch.argsort(torch.tensor(order, device=x.device))]
@@ -251,7 +244,8 @@ class PS3VisionEncoder(nn.Module):
         num_high = len(self.ps3_scales) - 1
         out = [[None] * len(images) for _ in range(num_high)]
         grids = [tuple(self.feature_size_scale_i(im, s + 1) for s in range(num_high)) for im in images]
-        for grid, idx in _group_by(grids).items():
+        gt_shapes = [tuple(g.shape) for g in gt_maps] if gt_maps is not None else [None] * len(images)
+        for (grid, _), idx in group_by(list(zip(grids, gt_shapes))).items():
             p = probs[idx]
             gt = None
             if gt_maps is not None:
@@ -284,7 +278,7 @@ class PS3VisionEncoder(nn.Module):
         look_maps = []
         for s in range(num_high):
             flat = torch.full((B, n_max[s]), float("-inf"), device=device, dtype=probs[s][0].dtype)
-            for idx in _group_by([probs[s][b].numel() for b in range(B)]).values():
+            for idx in group_by([probs[s][b].numel() for b in range(B)]).values():
                 rows = torch.tensor(idx).to(device, non_blocking=True)
                 flat[rows, : probs[s][idx[0]].numel()] = torch.stack([probs[s][b] for b in idx]).flatten(1)
             quotas = torch.tensor([[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans], dtype=torch.long)
@@ -365,7 +359,7 @@ class PS3VisionEncoder(nn.Module):
         prompt: torch.Tensor | None = None,
         gt_selection_maps=None,
         is_global_text: torch.Tensor | None = None,
-        output_hidden_states: bool = True,
+        output_hidden_states: bool = False,
         pool_gt_token_only: bool = False,
         num_look_close=None,
         num_token_look_close=None,
@@ -373,8 +367,14 @@ class PS3VisionEncoder(nn.Module):
         only_select_first_n_scale=None,
     ) -> PS3VisionModelOutput:
         images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
+        weight = self.trunk.pos_embed
+        if images[0].dtype != weight.dtype or images[0].device != weight.device:
+            raise TypeError(
+                f"pixel_values are {images[0].dtype} on {images[0].device} but the model is {weight.dtype} on "
+                f"{weight.device}; move/cast them first (e.g. x.to(model.device, model.dtype))"
+            )
         args = check_look_args(
-            len(images), self.width, len(self.ps3_scales) - 1, images, prompt, gt_selection_maps, is_global_text,
+            images, batched, self.width, len(self.ps3_scales) - 1, prompt, gt_selection_maps, is_global_text,
             output_hidden_states, pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
         )
         B = len(images)
@@ -412,6 +412,11 @@ class PS3VisionEncoder(nn.Module):
     def _join(low: torch.Tensor, high: torch.Tensor, counts: list[int], batched: bool):
         """Low-res tokens then each image's high-res tokens: ``(B, N, C)``, or per-image ``(1, N_b, C)``."""
         if batched:  # equal counts: one copy, no per-image pieces
+            if len(set(counts)) > 1:
+                raise ValueError(
+                    f"the images of this batch select different numbers of tokens {counts} (upstream fails here too); "
+                    "pass pixel_values as a list of images to get per-image outputs"
+                )
             return torch.cat([low, high.view(low.shape[0], counts[0], -1)], dim=1)
         return [torch.cat([lo, hi], dim=0)[None] for lo, hi in zip(low, high.split(counts))]
 

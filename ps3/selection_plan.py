@@ -27,6 +27,11 @@ def _look_quotas(max_each: list[int], num_select_token: int | None, first_n: int
         quotas[-1] += num_select_token - sum(quotas)
     if first_n is not None:
         kept, all_ = sum(quotas[:first_n]), sum(quotas)
+        if kept == 0:
+            raise ValueError(
+                f"num_token_look_close leaves no quota on the first {first_n} scales of a look "
+                f"({quotas}), so only_select_first_n_scale={first_n} cannot be applied (upstream divides by zero)"
+            )
         quotas = [int(x / kept * all_) if i < first_n else 1 for i, x in enumerate(quotas)]
         quotas[-1] += total - sum(quotas)
     return quotas

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -55,15 +56,22 @@ def check_images(x, low_res: int, patch: int) -> tuple[list[torch.Tensor], bool]
 
 
 def _check_look_count(name: str, value, allow_list: bool, batch: int):
-    if value is None or value == "all":
+    if value is None or (isinstance(value, str) and value == "all"):
         return value
     if allow_list and isinstance(value, (list, tuple)):
         if len(value) != batch:
             raise ValueError(f"{name} as a list needs one entry per image ({batch}), got {len(value)}")
         return [_check_look_count(name, v, False, batch) for v in value]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0 or 'all'{' or a per-image list' if allow_list else ''}, got {value!r}")
-    return value
+    expected = f"{name} must be an int >= 0 or 'all'{' or a per-image list' if allow_list else ''}, got {value!r}"
+    if isinstance(value, (bool, str)):
+        raise ValueError(expected)
+    try:
+        count = operator.index(value)  # ints, numpy ints, 0-d integer tensors
+    except TypeError:
+        raise ValueError(expected) from None
+    if count < 0:
+        raise ValueError(expected)
+    return count
 
 
 def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
@@ -77,9 +85,10 @@ def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
 
 
 def check_look_args(
-    batch, width, num_high, images, prompt, gt_selection_maps, is_global_text, output_hidden_states,
+    images, batched, width, num_high, prompt, gt_selection_maps, is_global_text, output_hidden_states,
     pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
 ) -> LookArgs:
+    batch = len(images)
     if prompt is not None:
         if not isinstance(prompt, torch.Tensor) or prompt.shape != (batch, width):
             shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
@@ -89,6 +98,11 @@ def check_look_args(
     num_token_look_close = _check_look_count("num_token_look_close", num_token_look_close, True, batch)
     if num_look_close is not None and num_token_look_close is not None:
         raise ValueError("give only one of num_look_close and num_token_look_close")
+    if batched and isinstance(num_token_look_close, list) and len(set(num_token_look_close)) > 1:
+        raise ValueError(
+            "num_token_look_close with different per-image counts needs pixel_values as a list of images "
+            "(a (B, 3, H, W) batch returns one (B, N, C) tensor, so every image needs the same count)"
+        )
     first_n = only_select_first_n_scale
     if first_n is not None:
         values = list(first_n) if isinstance(first_n, (list, tuple)) else [first_n] * batch

@@ -22,11 +22,11 @@ from .configuration_ps3 import TrunkSpec
 class Mlp(nn.Module):
     """fc1 -> GELU (exact erf) -> [LayerNorm] -> fc2, timm's ``Mlp`` names."""
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, norm: bool = False, norm_eps: float = 1e-5):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, norm: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.norm = nn.LayerNorm(hidden_features, eps=norm_eps) if norm else nn.Identity()
+        self.norm = nn.LayerNorm(hidden_features) if norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class Attention(nn.Module):
             prefix_index=seqs.prefix_index if prefix is not None else None,
             max_seqlen=seqs.max_seqlen,
         )
-        return self.proj(out.reshape(x.shape[0], -1)), (k, v)
+        return self.proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), (k, v)
 
 
 class Block(nn.Module):
@@ -121,7 +121,6 @@ class AttentionPoolLatent(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, spec: TrunkSpec):
         super().__init__()
-        self.patch_size = spec.patch_size
         self.proj = nn.Conv2d(3, spec.width, kernel_size=spec.patch_size, stride=spec.patch_size)
 
 

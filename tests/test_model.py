@@ -211,3 +211,39 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:
         assert rel_err(checkpointed[name], plain[name]) < 1e-5, name
+
+
+def test_edge_cases_found_in_review(model):
+    ims = images((224, 224), (224, 224), seed=12)
+    x = torch.stack(ims)
+    with torch.no_grad():
+        # No high-res token at all, for every image.
+        out = model(ims, num_token_look_close=[0, 0])
+        assert [t.shape[1] for t in out.last_hidden_state] == [16, 16]
+        # gt maps of different shapes for images of one size.
+        gt = [torch.ones(10, 10), torch.zeros(5, 7)]
+        out = model(ims, num_look_close=1, gt_selection_maps=gt)
+        assert out.selection_probs[0][0].min() == 1  # fully covered by its gt map
+        # Integer-like look counts.
+        assert model(x, num_look_close=torch.tensor(1)).last_hidden_state.shape == model(x, num_look_close=1).last_hidden_state.shape
+    with pytest.raises(ValueError, match="list of images"):
+        model(x, num_token_look_close=[5, 30])
+    with pytest.raises(TypeError, match="pixel_values are torch.float64"):
+        model(x.double(), num_look_close=1)
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="max_select_num_each_scale"):
+        PS3VisionModel(tiny_vision_config(max_select_num_each_scale=[4]))
+    with pytest.raises(ValueError, match="max_select_num_each_scale"):
+        PS3VisionModel(tiny_vision_config(max_select_num_each_scale=[4, -1]))
+    with pytest.raises(ValueError, match="select_based_on_layer"):
+        PS3VisionModel(tiny_vision_config(select_based_on_layer=[0, 9]))
+    PS3VisionModel(tiny_vision_config(select_based_on_layer=[0, -1]))  # negative indices as upstream
+
+
+def test_token_budget_with_first_n_scales_that_floors_to_zero():
+    from ps3.selection_plan import plan_looks
+
+    with pytest.raises(ValueError, match="only_select_first_n_scale"):
+        plan_looks([48, 192], [4, 16], None, 21, 1)

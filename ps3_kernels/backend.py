@@ -64,14 +64,22 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(*tensors: torch.Tensor | None) -> str:
-    """Pick ``"torch"`` or ``"triton"`` for an op whose inputs are ``tensors``."""
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(*tensors: torch.Tensor | None, supported: bool = True) -> str:
+    """Pick ``"torch"`` or ``"triton"`` for an op whose inputs are ``tensors``.
+
+    ``supported=False`` says the Triton kernel cannot take these inputs (a dtype or shape it
+    has no path for): ``auto`` then runs the reference, and an explicit ``triton`` still goes
+    to the kernel, whose checks raise a clear error.
+    """
     name = get_backend()
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if name == "torch":
         return "torch"
     if name == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+        return "triton" if on_cuda and supported and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("backend 'triton' was requested but triton is not installed")
     if not on_cuda and not triton_interpreted():
@@ -79,3 +87,8 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
             "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)"
         )
     return "triton"
+
+
+def triton_dtypes(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given floating tensor has a dtype the Triton kernels handle."""
+    return all(t is None or not t.is_floating_point() or t.dtype in TRITON_DTYPES for t in tensors)

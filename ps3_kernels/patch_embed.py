@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve_backend
+from .backend import resolve_backend, triton_dtypes
 
 
 @dataclass
@@ -161,7 +161,8 @@ def sparse_patch_embed(
         res_table, res_index: optional second table (PS3's per-scale ``pos_emb_residual``).
     """
     _check(images, resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table, res_index)
-    if resolve_backend(weight, *images) == "triton":
+    supported = triton_dtypes(weight, bias, pos_table, res_table, *images)
+    if resolve_backend(weight, *images, supported=supported) == "triton":
         from .triton.patch_embed import sparse_patch_embed_triton
 
         return sparse_patch_embed_triton(images, resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table, res_index)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve_backend
+from .backend import resolve_backend, triton_dtypes
 
 
 def selection_probs_reference(
@@ -73,7 +73,8 @@ def selection_probs(
 ) -> torch.Tensor:
     """Dispatching :func:`selection_probs_reference` (see there)."""
     _check_probs_args(feature, prompt, highres_feature, highres_prompt)
-    if resolve_backend(feature, prompt, highres_feature, highres_prompt) == "triton":
+    supported = triton_dtypes(feature, prompt, highres_feature, highres_prompt)
+    if resolve_backend(feature, prompt, highres_feature, highres_prompt, supported=supported) == "triton":
         from .triton.selection import selection_probs_triton
 
         return selection_probs_triton(feature, prompt, highres_feature, highres_prompt)

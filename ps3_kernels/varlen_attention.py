@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve_backend
+from .backend import resolve_backend, triton_dtypes
 
 
 def _check_inputs(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index):
@@ -263,7 +263,9 @@ def prepare_impl(
     _check_inputs(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index)
     args = (q, k, v, cu_seqlens, prefix_k, prefix_v, softmax_scale, prefix_index, max_seqlen)
     if impl is None:
-        impl = resolve_backend(q, k, v, prefix_k)
+        head_dim = q.shape[-1]
+        supported = triton_dtypes(q, k, v, prefix_k, prefix_v) and head_dim % 8 == 0 and 16 <= head_dim <= 256
+        impl = resolve_backend(q, k, v, prefix_k, supported=supported)
     if impl in ("torch", "sdpa"):
         return functools.partial(varlen_prefix_attention_reference, *args)
     if impl == "triton":

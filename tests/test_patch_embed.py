@@ -165,3 +165,15 @@ def test_validation(override, error):
     args.update(override(args))
     with pytest.raises(error):
         sparse_patch_embed(**args)
+
+
+def test_float64_parameters_are_refused_by_triton_and_run_by_auto():
+    images = [torch.randn(3, 16, 16)]
+    tokens = PatchTokens(*(torch.zeros(1, dtype=torch.long) for _ in range(4)))
+    weight, bias = torch.randn(8, 3, 4, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    table = torch.randn(4, 8, dtype=torch.float64)
+    args = (images, [[(16, 16)]], tokens, weight, bias, table, torch.zeros(1, dtype=torch.long))
+    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        sparse_patch_embed(*args)
+    with use_backend("auto"):  # CPU: the reference either way; on CUDA auto falls back
+        torch.testing.assert_close(sparse_patch_embed(*args), sparse_patch_embed_reference(*args))

@@ -348,8 +348,10 @@ def sparse_patch_embed_triton(
     checked: that would need a host sync).
     """
     out_dtype = weight.dtype
-    for t in (bias, pos_table, res_table):
+    for name, t in (("weight", weight), ("bias", bias), ("pos_table", pos_table), ("res_table", res_table)):
         if t is not None:
+            if t.dtype not in TL_DTYPES:
+                raise TypeError(f"the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
             out_dtype = torch.promote_types(out_dtype, t.dtype)
     g = _make_gather(images, resized_sizes, tokens, weight.shape[-1], weight.device)
     return _SparsePatchEmbed.apply(weight, bias, pos_table, res_table, g, pos_index, res_index, out_dtype)

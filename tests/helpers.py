@@ -40,3 +40,27 @@ def tiny_vision_config(**overrides):
     )
     kwargs.update(overrides)
     return PS3VisionConfig(**kwargs)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_device(value, device=DEVICE):
+    """Tensors (also inside lists, tuples and dataclasses such as PatchTokens) moved to ``device``."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), device) for f in dataclasses.fields(value)})
+    return value
+
+
+def run_triton(fn, *args):
+    """``fn(*args)`` on the Triton backend: compiled on a GPU, interpreted on the CPU; result on the CPU."""
+    from ps3_kernels import use_backend
+
+    with use_backend("triton"):
+        return to_device(fn(*to_device(args)), "cpu")

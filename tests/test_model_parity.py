@@ -13,7 +13,7 @@ import torch
 from ps3 import PS3Model, PS3TextModel, PS3VisionModel
 from ps3_kernels import use_backend
 
-from helpers import FIXTURES, case_names, load_case, rel_err
+from helpers import DEVICE, FIXTURES, case_names, load_case, rel_err
 
 MODEL_CALLS = {"vision", "text", "ps3_encode_image", "ps3_encode_text"}
 CASES = [c for c in case_names() if load_case(c)[0]["call"] in MODEL_CALLS]
@@ -25,10 +25,10 @@ def load_model(name: str, call: str):
     return cls.from_pretrained(FIXTURES / "models" / name).eval()
 
 
-def run_case(name: str):
+def run_case(name: str, device: str = "cpu"):
     meta, tensors = load_case(name)
-    model = load_model(meta["model"], meta["call"])
-    inputs = {k[3:]: v for k, v in tensors.items() if k.startswith("in.")}
+    model = load_model(meta["model"], meta["call"]).to(device)
+    inputs = {k[3:]: v.to(device) for k, v in tensors.items() if k.startswith("in.")}
     for key, dtype in meta.get("tensor_dtypes", {}).items():
         if key.startswith("in."):
             inputs[key[3:]] = inputs[key[3:]].to(getattr(torch, dtype))
@@ -70,9 +70,9 @@ TRITON_CASES = ["bottomup_look2", "topdown_look1", "tokens_odd47", "nonsquare_wi
 
 
 def check_case(case: str, backend: str) -> None:
-    with use_backend(backend):
-        out, expected = run_case(case)
-    got = flatten_output(out)
+    with use_backend(backend):  # the Triton kernels run compiled on a GPU, interpreted on the CPU
+        out, expected = run_case(case, DEVICE if backend == "triton" else "cpu")
+    got = {k: v.cpu() for k, v in flatten_output(out).items()}
     missing = sorted(set(expected) - set(got))
     assert not missing, f"outputs missing: {missing}"
     for key, ref in expected.items():

@@ -8,7 +8,7 @@ import torch
 from ps3_kernels import use_backend
 from ps3_kernels.patch_embed import PatchTokens, sparse_patch_embed, sparse_patch_embed_reference
 
-from helpers import rel_err
+from helpers import DEVICE, rel_err, run_triton, to_device
 
 
 def select_tokens(resized_sizes, p, gen, keep=0.35, counts=None) -> PatchTokens:
@@ -51,9 +51,8 @@ def reference64(images, sizes, tokens, weight, bias, pos_table, pos_index, res_t
     return sparse_patch_embed_reference(images, sizes, tokens, dbl[0], dbl[1], dbl[2], pos_index, dbl[3], res_index)
 
 
-def run_triton(*case):
-    with use_backend("triton"):
-        return sparse_patch_embed(*case)
+def run_kernel(*case):
+    return run_triton(sparse_patch_embed, *case)
 
 
 # Zoom 1 (identity), 2, 4 and 10 up, 2 and 10 down; non-square; a 4th image without scales' patches
@@ -76,7 +75,7 @@ MIXED_SIZES = [
 ])
 def test_mixed_batch_matches_reference(poisoned, img_dtype, w_dtype, tol):
     case = make_case(MIXED_IMAGES, MIXED_SIZES, 4, 24, img_dtype, w_dtype, seed=1, counts={3: 1})
-    out = run_triton(*case)
+    out = run_kernel(*case)
     ref = reference64(*case)
     assert out.dtype == w_dtype and out.shape == ref.shape
     assert rel_err(out, ref) < tol
@@ -93,7 +92,7 @@ def test_pixels_match_resize(poisoned, img_dtype):
     eye = torch.eye(48).reshape(48, 3, 4, 4)
     zero = torch.zeros(1, 48, dtype=torch.float64)
     ref = sparse_patch_embed_reference(images, sizes, tokens, eye.double(), None, zero, torch.zeros_like(tokens.row))
-    got = _gather_patches(_make_gather(images, sizes, tokens, 4, torch.device("cpu")), img_dtype).double()
+    got = _gather_patches(_make_gather(to_device(images), sizes, to_device(tokens), 4, torch.device(DEVICE)), img_dtype).double().cpu()
     diff = (got - ref).abs()
     if img_dtype == torch.float32:
         assert diff.max() < 4e-6  # rounding of unit-scale pixels (torch's resize fuses multiply-adds)
@@ -107,20 +106,20 @@ def test_one_tap_blocks_and_image_without_tokens(poisoned):
     case = make_case([(8, 12), (24, 20), (16, 16)], [[(8, 12)], [(8, 4)], [(32, 32)]], 4, 16,
                      torch.float32, torch.float32, seed=2, counts={2: 0}, with_res=False)
     assert set(case[2].image.tolist()) == {0, 1}
-    out = run_triton(*case)
+    out = run_kernel(*case)
     assert rel_err(out, reference64(*case)) < 1e-6
 
 
 def test_patch_14(poisoned):
     case = make_case([(35, 22), (30, 30)], [[(28, 14), (56, 42)], [(42, 42), (14, 28)]], 14, 32,
                      torch.bfloat16, torch.float32, seed=3)
-    out = run_triton(*case)
+    out = run_kernel(*case)
     assert rel_err(out, reference64(*case)) < 1e-4
 
 
 def test_no_tokens():
     case = make_case([(8, 8)], [[(8, 8)]], 4, 16, torch.float32, torch.float32, counts={0: 0})
-    out = run_triton(*case)
+    out = run_kernel(*case)
     assert out.shape == (0, 16)
 
 
@@ -137,7 +136,7 @@ def test_gradients_match_reference():
         out.backward(grad.to(dtype))
         return [t.grad for t in leaves]
 
-    got = grads(run_triton, torch.float32)
+    got = grads(run_kernel, torch.float32)
     ref = grads(sparse_patch_embed_reference, torch.float64)
     for name, g, r in zip(("weight", "bias", "pos_table", "res_table"), got, ref):
         assert g.dtype == torch.float32, name

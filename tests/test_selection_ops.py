@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ps3_kernels import use_backend
 from ps3_kernels.selection import assign_looks, assign_looks_reference, selection_probs, selection_probs_reference
 
-from helpers import rel_err
+from helpers import rel_err, run_triton
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -33,8 +32,7 @@ HR_SHAPES = [None, (12, 18, 10), (12, 13, 7), (8, 4, 3)]  # none; 2x2 bins; over
 @pytest.mark.parametrize("hr_shape", HR_SHAPES)
 def test_probs_fp32(poisoned, hr_shape):
     args = scoring_inputs(2, 70, 9, 5, hr_shape, torch.float32, seed=1)
-    with use_backend("triton"):
-        out = selection_probs(*args)
+    out = run_triton(selection_probs, *args)
     ref = selection_probs_reference(*args)
     ref64 = selection_probs_reference(*[None if a is None else a.double() for a in args])
     # The CPU reference's softmax multiplies by a reciprocal, CUDA's (and the kernel's) divides.
@@ -48,8 +46,7 @@ def test_probs_half_rounds_like_reference(poisoned, dtype, hr_shape):
     """Each elementwise step is rounded to the input dtype as the reference's ops are: equal values,
     or one unit in the last place off where a channel sum rounds the other way."""
     args = scoring_inputs(2, 70, 9, 5, hr_shape, dtype, seed=2)
-    with use_backend("triton"):
-        out = selection_probs(*args)
+    out = run_triton(selection_probs, *args)
     ref = selection_probs_reference(*args)
     assert out.dtype == dtype
     diff = (out.float() - ref.float()).abs()
@@ -65,8 +62,7 @@ def test_probs_equal_inputs_tie(poisoned, hr_shape):
     feature = F.interpolate(feature, scale_factor=2, mode="nearest")  # (2, 40, 8, 8) in 2x2 blocks
     if hr is not None:
         hr = F.interpolate(hr, scale_factor=(4, 2), mode="nearest")  # (16, 8): a 2x2 block's bins are equal
-    with use_backend("triton"):
-        out = selection_probs(feature, prompt, hr, hp)
+    out = run_triton(selection_probs, feature, prompt, hr, hp)
     blocks = out.unflatten(1, (4, 2)).unflatten(3, (4, 2))
     assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
     assert (out - selection_probs_reference(feature, prompt, hr, hp)).abs().max() < 3e-7
@@ -96,8 +92,7 @@ def tied_probs(B, h, w, block, gen):
 
 
 def run_both(probs, quotas):
-    with use_backend("triton"):
-        got = assign_looks(probs, quotas)
+    got = run_triton(assign_looks, probs, quotas)
     ref = assign_looks_reference(probs, quotas)
     assert got.dtype == ref.dtype == torch.long
     assert torch.equal(got, ref)
@@ -144,9 +139,8 @@ def test_large_row_spans_program_blocks(poisoned):
 
 
 def test_empty_inputs():
-    with use_backend("triton"):
-        assert assign_looks(torch.rand(0, 5), torch.zeros(0, 2, dtype=torch.long)).shape == (0, 5)
-        assert assign_looks(torch.rand(2, 5), torch.zeros(2, 0, dtype=torch.long)).eq(-1).all()
+    assert run_triton(assign_looks, torch.rand(0, 5), torch.zeros(0, 2, dtype=torch.long)).shape == (0, 5)
+    assert run_triton(assign_looks, torch.rand(2, 5), torch.zeros(2, 0, dtype=torch.long)).eq(-1).all()
 
 
 @pytest.mark.parametrize("args,error", [

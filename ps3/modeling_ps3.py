@@ -23,7 +23,7 @@ from ps3_kernels.patch_embed import PatchTokens
 
 from .configuration_ps3 import PS3Config, PS3TextConfig, PS3VisionConfig
 from .convnext import ShallowConvNet
-from .packing import group_by, resize_bicubic
+from .packing import group_by, host_tensor, resize_bicubic
 from .selection_plan import default_quotas, plan_looks
 from .text_transformer import TextTransformer
 from .validation import LookArgs, check_images, check_look_args
@@ -206,7 +206,7 @@ class PS3VisionEncoder(nn.Module):
         x = torch.cat([resize_bicubic(torch.stack([images[i] for i in idx]), size) for idx in groups.values()])
         order = [i for idx in groups.values() for i in idx]
         if order != sorted(order):
-            x = x[torch.argsort(torch.tensor(order, device=x.device))]
+            x = x[torch.argsort(host_tensor(order, x.device))]
         return x
 
     def _pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,13 +279,13 @@ class PS3VisionEncoder(nn.Module):
         for s in range(num_high):
             flat = torch.full((B, n_max[s]), float("-inf"), device=device, dtype=probs[s][0].dtype)
             for idx in group_by([probs[s][b].numel() for b in range(B)]).values():
-                rows = torch.tensor(idx).to(device, non_blocking=True)
+                rows = host_tensor(idx, device)
                 flat[rows, : probs[s][idx[0]].numel()] = torch.stack([probs[s][b] for b in idx]).flatten(1)
-            quotas = torch.tensor([[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans], dtype=torch.long)
-            look_maps.append(assign_looks(flat, quotas.to(device, non_blocking=True)))
+            quotas = [[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans]
+            look_maps.append(assign_looks(flat, host_tensor(quotas, device, torch.long)))
 
         seq_image = [b for b in range(B) for _ in plans[b]]
-        seq_base = torch.tensor([0] + [len(p) for p in plans], dtype=torch.long).cumsum(0)[:-1].to(device)
+        seq_base = host_tensor([0] + [len(p) for p in plans], device, torch.long).cumsum(0)[:-1]
         lengths = [sum(look) for p in plans for look in p]
         stride = sum(n_max)
         scale_off = [sum(n_max[:s]) for s in range(num_high)]
@@ -298,11 +298,11 @@ class PS3VisionEncoder(nn.Module):
         total = sum(lengths)
         packed = torch.sort(torch.cat(keys, dim=1).flatten()).values[:total]
         seq, rem = packed // stride, packed % stride
-        scale_off_t = torch.tensor(scale_off, device=device)
+        scale_off_t = host_tensor(scale_off, device)
         scale = torch.searchsorted(scale_off_t, rem, right=True) - 1
         pos = rem - scale_off_t[scale]
-        image = torch.tensor(seq_image, dtype=torch.long).to(device)[seq] if total else seq
-        width = torch.tensor([[gw for _, gw in grids[b]] for b in range(B)], device=device)
+        image = host_tensor(seq_image, device, torch.long)[seq] if total else seq
+        width = host_tensor([[gw for _, gw in grids[b]] for b in range(B)], device)
         w = width[image, scale]
         tokens = PatchTokens(image=image, scale=scale, row=pos // w, col=pos % w)
         return look_maps, tokens, lengths, seq_image, grids, scale_off, stride
@@ -317,15 +317,15 @@ class PS3VisionEncoder(nn.Module):
             side_off[side] = sum(t.shape[0] for t in tables)
             tables.append(self._pos_table((side, side)))
         pos_table = torch.cat(tables)
-        side_t = torch.tensor([[max(grids[b][s]) for s in range(num_high)] for b in range(B)], device=device)
-        off_t = torch.tensor([[side_off[max(grids[b][s])] for s in range(num_high)] for b in range(B)], device=device)
+        side_t = host_tensor([[max(grids[b][s]) for s in range(num_high)] for b in range(B)], device)
+        off_t = host_tensor([[side_off[max(grids[b][s])] for s in range(num_high)] for b in range(B)], device)
         pos_index = off_t[tokens.image, tokens.scale] + tokens.row * side_t[tokens.image, tokens.scale] + tokens.col
         res_table = res_index = None
         if self.config.separate_pos_emb:
             res_table = torch.cat([r[0] for r in self.pos_emb_residual])
             full = [s // p for s in self.ps3_scales[1:]]
-            res_off = torch.tensor([sum(f * f for f in full[:s]) for s in range(num_high)], device=device)
-            res_side = torch.tensor(full, device=device)
+            res_off = host_tensor([sum(f * f for f in full[:s]) for s in range(num_high)], device)
+            res_side = host_tensor(full, device)
             res_index = res_off[tokens.scale] + tokens.row * res_side[tokens.scale] + tokens.col
         sizes = [[self.image_size_scale_i(im, s + 1) for s in range(num_high)] for im in images]
         proj = self.trunk.patch_embed.proj
@@ -393,7 +393,7 @@ class PS3VisionEncoder(nn.Module):
         high = self.trunk(embedded, seqs, prefix=cache, keep_layers=keep)
 
         # Union of looks, per image in (scale, raster) order: upstream's output layout.
-        scale_off_t = torch.tensor(scale_off, device=embedded.device)
+        scale_off_t = host_tensor(scale_off, embedded.device)
         order = torch.argsort(tokens.image * stride + scale_off_t[tokens.scale] + self._raster(tokens, grids))
         counts = [sum(sum(look) for look in plans[b]) for b in range(B)]
         maps = [[(look_maps[s][b, : h * w] >= 0).to(probs[s][b].dtype).view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)]
@@ -422,7 +422,7 @@ class PS3VisionEncoder(nn.Module):
 
     @staticmethod
     def _raster(tokens: PatchTokens, grids) -> torch.Tensor:
-        width = torch.tensor([[gw for _, gw in gb] for gb in grids], device=tokens.image.device)
+        width = host_tensor([[gw for _, gw in gb] for gb in grids], tokens.image.device)
         return tokens.row * width[tokens.image, tokens.scale] + tokens.col
 
     def _plans(self, images, args: LookArgs, output_hidden_states: bool, batched: bool):
@@ -449,7 +449,7 @@ class PS3VisionEncoder(nn.Module):
         B = len(counts)
         pad = torch.nn.utils.rnn.pad_sequence
         padded = pad(list(last.split(counts)), batch_first=True)
-        valid = torch.arange(padded.shape[1], device=last.device)[None] < torch.tensor(counts, device=last.device)[:, None]
+        valid = torch.arange(padded.shape[1], device=last.device)[None] < host_tensor(counts, last.device)[:, None]
         mask = valid
         if pool_gt_token_only:
             gt_flat = torch.zeros(B, stride, device=last.device)
@@ -458,7 +458,7 @@ class PS3VisionEncoder(nn.Module):
                 for s, size in enumerate(grids[b]):
                     m = F.interpolate(gt[None, None].float(), size=size, mode="area")[0, 0].to(gt.dtype)
                     gt_flat[b, scale_off[s] : scale_off[s] + m.numel()] = m.flatten().float()
-            scale_off_t = torch.tensor(scale_off, device=last.device)
+            scale_off_t = host_tensor(scale_off, last.device)
             covered = gt_flat[tokens.image[order], scale_off_t[tokens.scale[order]] + self._raster(tokens, grids)[order]] != 0
             gt_mask = pad(list(covered.split(counts)), batch_first=True)
             mask = torch.where(gt_mask.any(dim=1, keepdim=True), gt_mask, valid)

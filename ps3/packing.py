@@ -22,3 +22,8 @@ def resize_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x.float(), size=tuple(size), mode="bicubic").to(x.dtype)
+
+
+def host_tensor(data, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of host values (geometry, offsets) sent to ``device`` without a blocking copy."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)

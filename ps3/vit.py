@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ps3_kernels import varlen_prefix_attention
 
 from .configuration_ps3 import TrunkSpec
+from .packing import host_tensor
 
 
 class Mlp(nn.Module):
@@ -50,10 +51,10 @@ class PackedSequences:
         cu = [0]
         for n in lengths:
             cu.append(cu[-1] + n)
-        cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+        cu_seqlens = host_tensor(cu, device, torch.int32)
         index = None
         if prefix_index is not None:
-            index = torch.tensor(prefix_index, dtype=torch.int32).to(device, non_blocking=True)
+            index = host_tensor(prefix_index, device, torch.int32)
         return cls(cu_seqlens, max([0, *lengths]), index)
 
 

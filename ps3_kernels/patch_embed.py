@@ -120,7 +120,7 @@ def sparse_patch_embed_reference(
         widths.append([w for _, w in sizes] + [1] * pad)
 
     def per_token(table):
-        return torch.tensor(table, device=device)[tokens.image, tokens.scale].view(-1, 1, 1, 1)
+        return torch.tensor(table).to(device, non_blocking=True)[tokens.image, tokens.scale].view(-1, 1, 1, 1)
 
     H, W = per_token(heights), per_token(widths)
     c = torch.arange(channels, device=device).view(1, -1, 1, 1)

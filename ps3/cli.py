@@ -69,7 +69,8 @@ def main(argv=None) -> None:
     model = model.to(args.device).eval()
     encoder = model.vision_model
     image = Image.open(args.image) if args.image else synthetic_image(encoder.ps3_scales[-1])
-    processor = PS3ImageProcessor(image_size=encoder.ps3_scales[-1])
+    has_processor = args.model and (Path(args.model) / "preprocessor_config.json").exists()
+    processor = PS3ImageProcessor.from_pretrained(args.model) if has_processor else PS3ImageProcessor(image_size=encoder.ps3_scales[-1])
     x = processor(image)["pixel_values"][0][None].to(args.device, dtype)
     start = time.perf_counter()
     with torch.no_grad():

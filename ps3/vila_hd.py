@@ -444,7 +444,12 @@ class VilaHDPipeline:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         if image_end_token_ids is None:  # VILA's BasicImageEncoder appends "\n" to every image
-            image_end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids if tokenizer is not None else []
+            if tokenizer is None:
+                raise ValueError(
+                    "a VilaHDPipeline without a tokenizer needs image_end_token_ids (VILA's '\\n' after each "
+                    "image; pass [] to append nothing)"
+                )
+            image_end_token_ids = tokenizer("\n", add_special_tokens=False).input_ids
         self.image_end_token_ids = list(image_end_token_ids)
         self.padding_side = padding_side
         self.defaults = defaults or LookCloseSettings()

@@ -286,12 +286,14 @@ def load_vila_hd(
     )
     projector = VilaHDProjector.from_vila_config(kind, dims)
     state = _load_weights(projector_dir)
-    missing, unexpected = projector.load_state_dict(state, strict=False)
-    shapes = {k: (tuple(v.shape), tuple(state[k].shape)) for k, v in projector.state_dict().items()
-              if k in state and v.shape != state[k].shape}
-    if missing or unexpected or shapes:
+    expected = projector.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = {k: (tuple(v.shape), tuple(state[k].shape)) for k, v in expected.items() if k in state and v.shape != state[k].shape}
+    if missing or unexpected or shapes:  # checked before loading, which would raise a bare RuntimeError
         raise ValueError(f"{projector_dir} does not match a {kind} projector for this config: "
-                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}, shape mismatches {shapes}")
+                         f"missing {missing}, unexpected {unexpected}, shape mismatches {shapes}")
+    projector.load_state_dict(state)
     if load_dtype is not None:
         projector.to(load_dtype)
 

@@ -448,7 +448,9 @@ def test_chat_template_look_close_position(tower, llm):
     pipe = VilaHDPipeline(tower, random_projector(), llm, tok)
     assert pipe.image_end_token_ids == [3]  # VILA's "\n" after every image
     assert pipe.find_look_close_positions(ids).tolist() == [8]  # "here?", before "<|im_end|>\n<|im_start|>assistant"
-    no_template = VilaHDPipeline(tower, random_projector(), llm)
+    with pytest.raises(ValueError, match="image_end_token_ids"):
+        VilaHDPipeline(tower, random_projector(), llm)  # would silently drop VILA's "\n" token
+    no_template = VilaHDPipeline(tower, random_projector(), llm, image_end_token_ids=[])
     assert no_template.find_look_close_positions(ids).tolist() == [13] and no_template.image_end_token_ids == []
     with pytest.raises(TypeError, match="causal LM"):
         VilaHDPipeline(tower, random_projector(), torch.nn.Linear(2, 2))
@@ -516,5 +518,11 @@ def test_load_vila_hd_rejects_mismatches(tmp_path, ps3_model, llm):
     write_vila_hd_folder(tmp_path / "b", ps3_model, llm, tiny_tokenizer(), state, ps3=False)
     with pytest.raises(ValueError, match="ps3"):
         load_vila_hd(tmp_path / "b", llm=llm)
+    wrong = dict(state)
+    wrong["layers.2.weight"] = torch.zeros(wrong["layers.2.weight"].shape[0] + 1, *wrong["layers.2.weight"].shape[1:])
+    write_vila_hd_folder(tmp_path / "c", ps3_model, llm, tiny_tokenizer(), wrong, high_res_pos_embed=False,
+                         top_down_prompt_head_type="linear")
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_vila_hd(tmp_path / "c", llm=llm)
     with pytest.raises(FileNotFoundError):
         load_vila_hd(tmp_path / "nothing")

@@ -108,6 +108,8 @@ def test_one_tap_blocks_and_image_without_tokens(poisoned):
     assert set(case[2].image.tolist()) == {0, 1}
     out = run_kernel(*case)
     assert rel_err(out, reference64(*case)) < 1e-6
+    no_bias = case[:4] + (None,) + case[5:]  # the kernel's HAS_BIAS=False path
+    assert rel_err(run_kernel(*no_bias), reference64(*no_bias)) < 1e-6
 
 
 def test_patch_14(poisoned):

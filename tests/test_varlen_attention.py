@@ -113,8 +113,19 @@ def test_triton_forward(case, head_dim, dtype, poisoned):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [136, 256])  # two head-dim tiles beyond 128; the widest
+@pytest.mark.parametrize("case", ["shared_rows_P19", "equal_lengths_no_prefix"])
+def test_triton_forward_wide_heads(case, head_dim, dtype, poisoned):
+    args = make_inputs(*CASES[case], head_dim=head_dim, dtype=dtype, seed=head_dim)
+    out = varlen_prefix_attention(**args, impl="triton")
+    assert rel_err(out, float64_reference(args)[0]) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [40, 72, 128])
-@pytest.mark.parametrize("case", ["empty_seq_P0", "shared_rows_P19", "P1_empty_first", "unused_rows_P20"])
+@pytest.mark.parametrize("case", ["empty_seq_P0", "shared_rows_P19", "P1_empty_first", "unused_rows_P20",
+                                  "equal_lengths_no_prefix"])
 def test_triton_backward(case, head_dim, dtype, poisoned):
     args = make_inputs(*CASES[case], head_dim=head_dim, dtype=dtype, seed=head_dim, requires_grad=True)
     out = varlen_prefix_attention(**args, impl="triton")

@@ -25,18 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ps3.bench import environment
+from ps3.bench import environment, scale_set
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.patch_embed import PatchTokens, sparse_patch_embed
 
-LOW_RES = 378
 PEAK_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.3e12}  # measured-ish HBM peaks (see PS3_NOTES.md section 5)
-
-
-def scales_for(resolution: int) -> list[int]:
-    """PS3's scales up to ``resolution``: 378, 756, 1512 (, 3780)."""
-    return [s for s in (LOW_RES, 756, 1512, 3780) if s <= resolution]
 
 
 def make_case(scales: list[int], batch: int, num_tokens: int, dtype: torch.dtype, device: str,
@@ -153,7 +147,7 @@ def main() -> None:
     for resolution in args.resolutions:
         for num_tokens in args.tokens:
             for batch in args.batches:
-                case = make_case(scales_for(resolution), batch, num_tokens, dtype, "cuda")
+                case = make_case(scale_set(resolution), batch, num_tokens, dtype, "cuda")
                 with use_backend("triton"):
                     got = sparse_embed(case)
                     ref = upstream_embed(case)

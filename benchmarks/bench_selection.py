@@ -22,17 +22,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ps3.bench import environment
+from ps3.bench import environment, scale_set
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.selection import assign_looks, selection_probs
 
 PATCH = 14
 LOW_GRID = 27
-
-
-def scales_for(resolution: int) -> list[int]:
-    return [s for s in (378, 756, 1512, 3780) if s <= resolution]
 
 
 def make_case(scales: list[int], batch: int, looks: int, num_tokens: int, dtype: torch.dtype, device: str,
@@ -123,7 +119,7 @@ def main() -> None:
     for resolution in args.resolutions:
         for looks in args.looks:
             for batch in args.batches:
-                case = make_case(scales_for(resolution), batch, looks, args.tokens, dtype, "cuda")
+                case = make_case(scale_set(resolution), batch, looks, args.tokens, dtype, "cuda")
                 with use_backend("torch"):
                     ref_probs = score(case)
                 with use_backend("triton"):
@@ -144,7 +140,7 @@ def main() -> None:
                     t_score_ref = triton.testing.do_bench(lambda: score(case), return_mode="median")
                 t_loop = triton.testing.do_bench(lambda: upstream_assign(scaled, case), return_mode="median")
                 row = dict(
-                    resolution=resolution, scales=scales_for(resolution), batch=batch, looks=looks,
+                    resolution=resolution, scales=scale_set(resolution), batch=batch, looks=looks,
                     quotas_per_look=[int(q[0, 0]) for q in case["quotas"]], max_abs_prob_err=prob_err,
                     score_reference_ms=t_score_ref, score_triton_ms=t_score, score_speedup=t_score_ref / t_score,
                     assign_upstream_loop_ms=t_loop, assign_triton_ms=t_assign, assign_triton_graph_ms=t_assign_graph,

@@ -329,9 +329,10 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, in
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tiny blocks under the CPU interpreter.
 
     Not autotuned (no GPU was at hand): a wide query block for the forward and dQ, a wide key
-    block for dK/dV, as in the fused-attention tutorial, chosen so that the sm_90 builds of
-    head_dim <= 128 neither spill registers nor exceed shared memory; wider heads get half-size
-    blocks. fp32 (exact FMA dots) is a correctness path, not a tuned one.
+    block for dK/dV, as in the fused-attention tutorial; wider heads get half-size blocks.
+    Offline sm_90 builds (ptxas of triton 3.9) fit shared memory but spill some registers:
+    about 100-150 bytes per thread at head_dim 72 in bf16, about 4 KB in dK/dV at 136, and far
+    more in fp32 at 256. fp32 (exact FMA dots) is a correctness path, not a tuned one.
     """
     if triton_interpreted():
         return dict(fwd=(16, 16, 1, 1), dq=(16, 16, 1, 1), dkdv=(16, 16, 1, 1))

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
-from .common import dot_precision, mma
+from .common import dot_precision, mma, to_dtype_rtne
 
 _LOG2E = 1.4426950408889634
 
@@ -66,14 +66,15 @@ def _load_tiles(base, rows, row_stride8, row_mask, D0: tl.constexpr, D1: tl.cons
 
 @triton.jit
 def _store_tiles(base, rows, row_stride8, row_mask, x0, x1, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Inverse of :func:`_load_tiles`, casting to the destination dtype."""
+    """Inverse of :func:`_load_tiles`, casting fp32 tiles to the destination dtype (rounded to
+    nearest even, also under the interpreter, whose own bf16 cast truncates)."""
     offs0 = tl.arange(0, D0)
     ptrs = base + rows[:, None] * (row_stride8 * 8)
-    tl.store(ptrs + offs0[None, :], x0.to(base.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(ptrs + offs0[None, :], to_dtype_rtne(x0.to(tl.float32), base.dtype.element_ty), mask=row_mask[:, None])
     if D1 > 0:
         offs1 = D0 + tl.arange(0, D1)
         mask = row_mask[:, None] & (offs1[None, :] < HEAD_DIM)
-        tl.store(ptrs + offs1[None, :], x1.to(base.dtype.element_ty), mask=mask)
+        tl.store(ptrs + offs1[None, :], to_dtype_rtne(x1.to(tl.float32), base.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -308,6 +308,8 @@ class PS3VisionEncoder(nn.Module):
         return look_maps, tokens, lengths, seq_image, grids, scale_off, stride
 
     def _embed_tokens(self, images, tokens: PatchTokens, grids):
+        """Tokens of the selected patches; ``images`` is the (B, 3, H, W) batch (read in place by the
+        kernel) or the list of images."""
         B, num_high, p = len(images), len(self.ps3_scales) - 1, self.patch_size
         device = self.trunk.pos_embed.device
         sides = sorted({max(g) for gb in grids for g in gb})
@@ -327,9 +329,10 @@ class PS3VisionEncoder(nn.Module):
             res_off = host_tensor([sum(f * f for f in full[:s]) for s in range(num_high)], device)
             res_side = host_tensor(full, device)
             res_index = res_off[tokens.scale] + tokens.row * res_side[tokens.scale] + tokens.col
-        sizes = [[self.image_size_scale_i(im, s + 1) for s in range(num_high)] for im in images]
+        hw = [tuple(images.shape[-2:])] * B if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
+        sizes = [[self.image_size_scale_i(size, s + 1) for s in range(num_high)] for size in hw]
         proj = self.trunk.patch_embed.proj
-        return sparse_patch_embed(list(images), sizes, tokens, proj.weight, proj.bias, pos_table, pos_index, res_table, res_index)
+        return sparse_patch_embed(images, sizes, tokens, proj.weight, proj.bias, pos_table, pos_index, res_table, res_index)
 
     # ----- feature maps -----
 
@@ -387,7 +390,7 @@ class PS3VisionEncoder(nn.Module):
 
         plans = self._plans(images, args, output_hidden_states, batched)
         look_maps, tokens, lengths, seq_image, grids, scale_off, stride = self._select_and_pack(images, probs, plans)
-        embedded = self._embed_tokens(images, tokens, grids)
+        embedded = self._embed_tokens(x if batched else images, tokens, grids)
         seqs = PackedSequences.from_lengths(lengths, embedded.device, prefix_index=seq_image)
         keep = self.num_hidden_layers_to_return if output_hidden_states else 1
         high = self.trunk(embedded, seqs, prefix=cache, keep_layers=keep)

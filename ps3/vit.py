@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ps3_kernels import varlen_prefix_attention
+from ps3_kernels import PackedSequences, varlen_prefix_attention
 
 from .configuration_ps3 import TrunkSpec
-from .packing import host_tensor
+
+__all__ = ["PackedSequences", "VisionTrunk"]  # PackedSequences now lives in ps3_kernels; re-exported here
 
 
 class Mlp(nn.Module):
@@ -34,30 +35,6 @@ class Mlp(nn.Module):
         return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
-@dataclass
-class PackedSequences:
-    """Varlen metadata of a packed batch (flash-attn convention).
-
-    ``cu_seqlens`` lives on the tokens' device; ``max_seqlen`` is a host int so attention
-    needs no device sync. ``prefix_index[s]`` names the low-res cache row of sequence ``s``.
-    """
-
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    prefix_index: torch.Tensor | None = None
-
-    @classmethod
-    def from_lengths(cls, lengths: list[int], device: torch.device, prefix_index: list[int] | None = None) -> "PackedSequences":
-        cu = [0]
-        for n in lengths:
-            cu.append(cu[-1] + n)
-        cu_seqlens = host_tensor(cu, device, torch.int32)
-        index = None
-        if prefix_index is not None:
-            index = host_tensor(prefix_index, device, torch.int32)
-        return cls(cu_seqlens, max([0, *lengths]), index)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -70,11 +47,7 @@ class Attention(nn.Module):
         """Returns the output and this layer's ``(k, v)`` as ``(total, heads, head_dim)``."""
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         prefix_k, prefix_v = prefix if prefix is not None else (None, None)
-        out = varlen_prefix_attention(
-            q, k, v, seqs.cu_seqlens, prefix_k, prefix_v,
-            prefix_index=seqs.prefix_index if prefix is not None else None,
-            max_seqlen=seqs.max_seqlen,
-        )
+        out = varlen_prefix_attention(q, k, v, seqs, prefix_k, prefix_v)
         return self.proj(out.reshape(x.shape[0], self.num_heads * self.head_dim)), (k, v)
 
 

@@ -1,4 +1,4 @@
-"""Selection scoring and multi-look quota top-k (PyTorch references).
+"""Selection scoring and multi-look quota top-k: checks, dispatch and PyTorch references.
 
 Scoring turns the projected low-res features and a prompt into the probability that each
 patch is worth a high-res look. Top-k assigns patches to looks: look ``l`` of scale ``s``
@@ -13,7 +13,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import resolve_backend, triton_dtypes
+from .backend import (
+    TRITON_DTYPES,
+    TritonSupport,
+    checked_mode,
+    device_reasons,
+    dispatch,
+    dtype_reasons,
+    grad_reasons,
+    host_values,
+    register_support,
+)
+
+PROBS_SUPPORT = TritonSupport(
+    op="selection_probs",
+    dtypes=TRITON_DTYPES,
+    differentiable=("feature", "prompt", "highres_feature", "highres_prompt"),
+    limits=("inputs of mixed dtypes are cast to their promoted dtype first",),
+    backward="the reference's backward (PyTorch ops on the device, recomputing the small forward)",
+)
+LOOKS_SUPPORT = TritonSupport(
+    op="assign_looks",
+    dtypes=(*TRITON_DTYPES, torch.float64),
+    differentiable=(),
+    limits=("probabilities are ordered by torch.sort (stable, descending); one kernel assigns the looks",),
+)
 
 
 def selection_probs_reference(
@@ -52,17 +76,44 @@ def _check_probs_args(feature, prompt, highres_feature, highres_prompt) -> None:
         raise ValueError(f"prompt must be ({B}, {C}), got {getattr(prompt, 'shape', type(prompt).__name__)}")
     if (highres_feature is None) != (highres_prompt is None):
         raise ValueError("highres_feature and highres_prompt must be given together")
-    tensors = [feature, prompt]
+    named = {"feature": feature, "prompt": prompt}
     if highres_feature is not None:
-        if highres_feature.dim() != 4 or highres_feature.shape[0] != B:
-            raise ValueError(f"highres_feature must be ({B}, C2, H2, W2), got {tuple(highres_feature.shape)}")
-        if tuple(highres_prompt.shape) != (B, highres_feature.shape[1]):
+        if not isinstance(highres_feature, torch.Tensor) or highres_feature.dim() != 4 or highres_feature.shape[0] != B:
+            raise ValueError(f"highres_feature must be ({B}, C2, H2, W2), got {getattr(highres_feature, 'shape', None)}")
+        if not isinstance(highres_prompt, torch.Tensor) or tuple(highres_prompt.shape) != (B, highres_feature.shape[1]):
             raise ValueError(f"highres_prompt must be ({B}, {highres_feature.shape[1]}), "
-                             f"got {tuple(highres_prompt.shape)}")
-        tensors += [highres_feature, highres_prompt]
-    if not all(t.is_floating_point() for t in tensors):
-        raise TypeError(f"feature, prompt and the high-res pair must be floating point, "
-                        f"got {[t.dtype for t in tensors]}")
+                             f"got {getattr(highres_prompt, 'shape', None)}")
+        if min(highres_feature.shape[2:]) < 1:
+            raise ValueError(f"highres_feature has an empty map, shape {tuple(highres_feature.shape)}")
+        named.update(highres_feature=highres_feature, highres_prompt=highres_prompt)
+    for name, t in named.items():
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != feature.device:
+            raise ValueError(f"{name} is on {t.device}, feature on {feature.device}")
+
+
+def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _probs_reasons(feature, prompt, highres_feature, highres_prompt) -> list[str]:
+    named = {"feature": feature, "prompt": prompt, "highres_feature": highres_feature,
+             "highres_prompt": highres_prompt}
+    promoted = feature.new_empty(0, dtype=_promoted(feature, prompt, highres_feature, highres_prompt))
+    return dtype_reasons(PROBS_SUPPORT, {"the promoted input": promoted}) + grad_reasons(PROBS_SUPPORT, named)
+
+
+def selection_probs_not_supported_reasons(feature, prompt, highres_feature=None, highres_prompt=None) -> list[str]:
+    """Why the Triton path cannot run these inputs (empty when it can), devices included."""
+    return device_reasons([feature, prompt]) + _probs_reasons(feature, prompt, highres_feature, highres_prompt)
+
+
+register_support(PROBS_SUPPORT, selection_probs_not_supported_reasons)
 
 
 def selection_probs(
@@ -71,10 +122,10 @@ def selection_probs(
     highres_feature: torch.Tensor | None = None,
     highres_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatching :func:`selection_probs_reference` (see there)."""
+    """Dispatching :func:`selection_probs_reference` (see there); differentiable on both backends."""
     _check_probs_args(feature, prompt, highres_feature, highres_prompt)
-    supported = triton_dtypes(feature, prompt, highres_feature, highres_prompt)
-    if resolve_backend(feature, prompt, highres_feature, highres_prompt, supported=supported) == "triton":
+    reasons = _probs_reasons(feature, prompt, highres_feature, highres_prompt)
+    if dispatch(PROBS_SUPPORT, reasons, [feature, prompt, highres_feature, highres_prompt]) == "triton":
         from .triton.selection import selection_probs_triton
 
         return selection_probs_triton(feature, prompt, highres_feature, highres_prompt)
@@ -87,7 +138,7 @@ def assign_looks_reference(probs: torch.Tensor, quotas: torch.Tensor) -> torch.T
     Args:
         probs: ``(B, n)`` selection probabilities of one scale, raster order. Rows of images
             with fewer patches are padded with ``-inf`` (never selected while quotas fit).
-        quotas: ``(B, L)`` int, patches look ``l`` takes from this scale.
+        quotas: ``(B, L)`` int ``>= 0``, patches look ``l`` takes from this scale.
 
     Returns:
         ``(B, n)`` int64: the look index of each patch, or -1 where no look selects it.
@@ -101,11 +152,40 @@ def assign_looks_reference(probs: torch.Tensor, quotas: torch.Tensor) -> torch.T
     return torch.where(look < quotas.shape[-1], look, torch.full_like(look, -1))
 
 
-def assign_looks(probs: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
-    """Dispatching :func:`assign_looks_reference` (see there)."""
-    if probs.dim() != 2 or quotas.dim() != 2 or quotas.shape[0] != probs.shape[0]:
-        raise ValueError(f"probs must be (B, n) and quotas (B, L); got {tuple(probs.shape)} and {tuple(quotas.shape)}")
-    if resolve_backend(probs) == "triton":
+def _check_looks_args(probs, quotas, checked: bool) -> None:
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
+        raise ValueError(f"probs must be a (B, n) tensor, got {getattr(probs, 'shape', type(probs).__name__)}")
+    if not probs.is_floating_point():
+        raise TypeError(f"probs must be floating point, got {probs.dtype}")
+    if not isinstance(quotas, torch.Tensor) or quotas.dim() != 2 or quotas.shape[0] != probs.shape[0]:
+        raise ValueError(f"quotas must be a ({probs.shape[0]}, num_looks) tensor, "
+                         f"got {getattr(quotas, 'shape', type(quotas).__name__)}")
+    if quotas.dtype.is_floating_point or quotas.dtype.is_complex or quotas.dtype == torch.bool:
+        raise TypeError(f"quotas must be an integer tensor, got {quotas.dtype}")
+    values = host_values(quotas, checked)
+    if values is not None:
+        bad = (values < 0).nonzero()
+        if bad.numel():
+            b, look = (int(i) for i in bad[0])
+            raise ValueError(f"quotas must be >= 0, got quotas[{b}, {look}]={int(values[b, look])}")
+
+
+def assign_looks_not_supported_reasons(probs, quotas) -> list[str]:
+    """Why the Triton path cannot run these inputs (empty when it can), devices included."""
+    return device_reasons([probs]) + dtype_reasons(LOOKS_SUPPORT, {"probs": probs})
+
+
+register_support(LOOKS_SUPPORT, assign_looks_not_supported_reasons)
+
+
+def assign_looks(probs: torch.Tensor, quotas: torch.Tensor, *, checked: bool | None = None) -> torch.Tensor:
+    """Dispatching :func:`assign_looks_reference` (see there).
+
+    ``checked``: also validate quotas that live on the GPU (a device sync); ``None`` reads
+    ``PS3_KERNELS_CHECKED``. Quotas on the CPU are always validated.
+    """
+    _check_looks_args(probs, quotas, checked_mode(checked))
+    if dispatch(LOOKS_SUPPORT, dtype_reasons(LOOKS_SUPPORT, {"probs": probs}), [probs]) == "triton":
         from .triton.selection import assign_looks_triton
 
         return assign_looks_triton(probs, quotas)

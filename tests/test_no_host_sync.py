@@ -3,7 +3,8 @@
 On CUDA this is ``torch.cuda.set_sync_debug_mode("error")``. On CPU the same property is
 checked by making every host read of a tensor value raise while the model runs: ``.item()``,
 ``.tolist()``, truth tests, int/float conversion and boolean-mask indexing (whose output size
-depends on the data).
+depends on the data). The ops' index checks read CPU tensors (free on the CPU, skipped for GPU
+tensors outside checked mode); the guard makes the ops treat tensors as GPU tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import pytest
 import torch
 
+import ps3_kernels.backend
 from ps3 import PS3VisionModel
 from ps3.demo import randomize_parameters_
 from ps3_kernels import use_backend
@@ -41,15 +43,18 @@ def forbid_host_reads():
 
     names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
     saved = {n: getattr(torch.Tensor, n) for n in names}
+    host_readable = ps3_kernels.backend.host_readable
     try:
         for n in names:
             setattr(torch.Tensor, n, refuse(n))
         torch.Tensor.__getitem__ = getitem
+        ps3_kernels.backend.host_readable = lambda t: False
         yield
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
         torch.Tensor.__getitem__ = original_getitem
+        ps3_kernels.backend.host_readable = host_readable
 
 
 def test_guard_catches_a_host_read():

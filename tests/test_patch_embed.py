@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ps3_kernels import use_backend
-from ps3_kernels.patch_embed import PatchTokens, sparse_patch_embed, sparse_patch_embed_reference
+from ps3_kernels import TritonNotSupportedError, use_backend
+from ps3_kernels.patch_embed import PatchTokens, image_layout, sparse_patch_embed, sparse_patch_embed_reference
 
 from helpers import DEVICE, rel_err, run_triton, to_device
 
@@ -85,14 +85,17 @@ def test_mixed_batch_matches_reference(poisoned, img_dtype, w_dtype, tol):
 def test_pixels_match_resize(poisoned, img_dtype):
     """The gathered pixels are the reference's resized-and-cast pixels to within one unit in the last
     place (the fp32 resize may round differently by an ulp; rarely that shows after the cast)."""
-    from ps3_kernels.triton.patch_embed import _gather_patches, _make_gather
+    import ps3_kernels.triton.patch_embed  # noqa: F401  (registers the ops)
 
     case = make_case(MIXED_IMAGES, MIXED_SIZES, 4, 8, img_dtype, torch.float32, seed=6, counts={3: 1})
     images, sizes, tokens = case[:3]
     eye = torch.eye(48).reshape(48, 3, 4, 4)
     zero = torch.zeros(1, 48, dtype=torch.float64)
     ref = sparse_patch_embed_reference(images, sizes, tokens, eye.double(), None, zero, torch.zeros_like(tokens.row))
-    got = _gather_patches(_make_gather(to_device(images), sizes, to_device(tokens), 4, torch.device(DEVICE)), img_dtype).double().cpu()
+    pixels, geometry = image_layout(to_device(images), sizes)
+    t = to_device(tokens)
+    got = torch.ops.ps3_kernels.gather_patches(pixels, geometry, t.image, t.scale, t.row, t.col,
+                                               eye.to(DEVICE, img_dtype)).double().cpu()
     diff = (got - ref).abs()
     if img_dtype == torch.float32:
         assert diff.max() < 4e-6  # rounding of unit-scale pixels (torch's resize fuses multiply-adds)
@@ -174,7 +177,35 @@ def test_float64_parameters_are_refused_by_triton_and_run_by_auto():
     weight, bias = torch.randn(8, 3, 4, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     table = torch.randn(4, 8, dtype=torch.float64)
     args = (images, [[(16, 16)]], tokens, weight, bias, table, torch.zeros(1, dtype=torch.long))
-    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+    with use_backend("triton"), pytest.raises(TritonNotSupportedError, match="weight is float64"):
         sparse_patch_embed(*args)
     with use_backend("auto"):  # CPU: the reference either way; on CUDA auto falls back
         torch.testing.assert_close(sparse_patch_embed(*args), sparse_patch_embed_reference(*args))
+
+
+def test_image_layouts_agree(poisoned):
+    """A (B, C, H, W) batch (also channels-last), views of it, crops of one image and separate copies are
+    addressed in place or copied once (image_layout) and embed to the same tokens on both backends."""
+    gen = torch.Generator().manual_seed(7)
+    batch = torch.randn(3, 3, 12, 10, generator=gen)
+    sizes = [[(8, 8), (24, 20)]] * 3
+    tokens = select_tokens(sizes, 4, gen)
+    weight, bias = torch.randn(16, 3, 4, 4, generator=gen) / 4, torch.randn(16, generator=gen)
+    table, index = torch.randn(40, 16, generator=gen), torch.randint(0, 40, (len(tokens),), generator=gen)
+    args = (sizes, tokens, weight, bias, table, index)
+    ref = reference64(list(batch), *args, None, None)
+    crops = torch.randn(3, 30, 10, generator=gen)
+    crop_list = [crops[:, 0:12], crops[:, 9:21], crops[:, 18:30]]  # overlapping row ranges of one storage
+    layouts = {
+        "batch": batch, "channels_last": batch.to(memory_format=torch.channels_last),
+        "views": list(batch.unbind(0)), "copies": [im.clone() for im in batch],
+    }
+    for name, images in layouts.items():
+        pixels, geometry = image_layout(images, sizes)
+        assert (pixels.data_ptr() == batch.data_ptr()) == (name in ("batch", "views")), name
+        with use_backend("torch"):
+            assert rel_err(sparse_patch_embed(images, *args), ref) < 1e-6, name
+        assert rel_err(run_kernel(images, *args), ref) < 1e-6, name
+    crop_ref = reference64([c.clone() for c in crop_list], *args, None, None)
+    assert image_layout(crop_list, sizes)[0].data_ptr() == crops.data_ptr()
+    assert rel_err(run_kernel(crop_list, *args), crop_ref) < 1e-6

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from ps3_kernels import PackedSequences, TritonNotSupportedError
 from ps3_kernels.backend import triton_available
 from ps3_kernels.varlen_attention import (
     available_impls,
@@ -94,6 +95,46 @@ def test_reference_matches_brute_force(case):
     for scale in (None, 0.3):
         out = varlen_prefix_attention_reference(**args, softmax_scale=scale)
         assert rel_err(out, brute_force(**args, softmax_scale=scale)) < 1e-12
+
+
+def layout_of(args) -> PackedSequences:
+    """The case's layout built from host lengths, as the model builds it."""
+    cu = args["cu_seqlens"].tolist()
+    index = args["prefix_index"].tolist() if args["prefix_index"] is not None else None
+    return PackedSequences.from_lengths([b - a for a, b in zip(cu, cu[1:])], DEVICE, index)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layout_dense_mask_is_the_attention_pattern(case):
+    """softmax over all packed keys masked by the layout's dense mask == the per-sequence brute force;
+    the layout call of the op equals its loose (flash-attn style) call."""
+    args = make_inputs(*CASES[case], head_dim=24, dtype=torch.float64)
+    seqs = layout_of(args)
+    q, k, v, pk, pv = (args[n] for n in ("q", "k", "v", "prefix_k", "prefix_v"))
+    rows, plen = (pk.shape[0], pk.shape[2]) if pk is not None else (0, 0)
+    mask = seqs.dense_mask(rows, plen)
+    assert mask.shape == (q.shape[0], rows * plen + q.shape[0])
+    if pk is not None:
+        k = torch.cat([pk.transpose(1, 2).reshape(rows * plen, *k.shape[1:]), k])
+        v = torch.cat([pv.transpose(1, 2).reshape(rows * plen, *v.shape[1:]), v])
+    scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+    dense = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+    assert rel_err(dense, brute_force(**args)) < 1e-12
+    loose = varlen_prefix_attention(**args)
+    assert torch.equal(varlen_prefix_attention(args["q"], args["k"], args["v"], seqs, pk, pv), loose)
+    assert seqs.max_seqlen == max(CASES[case][0]) and seqs.total_tokens == q.shape[0]
+
+
+def test_layout_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="lengths"):
+        PackedSequences.from_lengths([3, -1])
+    with pytest.raises(ValueError, match="prefix_index"):
+        PackedSequences.from_lengths([3, 1], prefix_index=[0])
+    seqs = PackedSequences.from_lengths([3, 1], prefix_index=[0, 0])
+    args = make_inputs([3, 1], 1, (2, 1, [0, 0]), head_dim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="prefix_index and max_seqlen come from the layout"):
+        varlen_prefix_attention(args["q"], args["k"], args["v"], seqs, args["prefix_k"], args["prefix_v"],
+                                prefix_index=args["prefix_index"])
 
 
 # ----------------------------------------------------------------------------- triton
@@ -257,12 +298,16 @@ def test_bad_inputs(needle, mutate, error):
 
 
 @needs_triton
-@pytest.mark.parametrize("head_dim, dtype, error", [(12, torch.float32, ValueError), (20, torch.float32, ValueError),
-                                                    (264, torch.float32, ValueError), (16, torch.float64, TypeError)])
-def test_triton_rejects_unsupported(head_dim, dtype, error):
+@pytest.mark.parametrize("head_dim, dtype, reason", [(12, torch.float32, "head_dim is 12"),
+                                                     (20, torch.float32, "head_dim is 20"),
+                                                     (264, torch.float32, "head_dim is 264"),
+                                                     (16, torch.float64, "q is float64")])
+def test_triton_rejects_unsupported(head_dim, dtype, reason):
+    """Explicit triton where it cannot run: an error listing the reasons; auto runs the reference."""
     args = make_inputs([3], 1, None, head_dim=head_dim, dtype=dtype)
-    with pytest.raises(error, match="q"):
+    with pytest.raises(TritonNotSupportedError, match=reason):
         varlen_prefix_attention(**args, impl="triton")
+    torch.testing.assert_close(varlen_prefix_attention(**args), varlen_prefix_attention_reference(**args))
 
 
 # ----------------------------------------------------------------------------- peers
@@ -326,10 +371,10 @@ def _fake_xformers():
 def test_concatenating_peers_inputs(impl, case, monkeypatch):
     """The inputs built for flash-attn / xformers (concatenated K/V, cu_seqlens_k, masks), run by
     brute-force stand-ins of those libraries (neither is installed on the CPU runner)."""
-    import ps3_kernels.varlen_attention as module
+    from ps3_kernels import attention_peers
 
     fakes = {"flash_attn": _fake_flash_attn, "xformers": _fake_xformers}
-    monkeypatch.setattr(module, "_import", lambda name: fakes[name]())
+    monkeypatch.setattr(attention_peers, "import_peer", lambda name: fakes[name]())
     args = make_inputs(*CASES[case], head_dim=24, dtype=torch.float64, requires_grad=True)
     out = prepare_impl(impl, **args)()
     ref = varlen_prefix_attention_reference(**args)

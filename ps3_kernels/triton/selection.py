@@ -131,26 +131,11 @@ def _max_bin(src: int, dst: int) -> int:
     return max(-(-(i + 1) * src // dst) - i * src // dst for i in range(dst))
 
 
-def selection_probs_triton(
-    feature: torch.Tensor,
-    prompt: torch.Tensor,
-    highres_feature: torch.Tensor | None = None,
-    highres_prompt: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton version of :func:`ps3_kernels.selection.selection_probs` (arguments validated there).
-
-    Inputs of different dtypes are first cast to their promoted dtype (the reference instead
-    normalises each in its own dtype); float32, float16 and bfloat16 are supported.
-    """
-    tensors = [t for t in (feature, prompt, highres_feature, highres_prompt) if t is not None]
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    if dtype not in TL_DTYPES:
-        raise TypeError(f"the triton backend scores float32/float16/bfloat16 inputs, got {dtype}")
-    feature, prompt = feature.to(dtype), prompt.to(dtype)
-    if highres_feature is not None:
-        highres_feature, highres_prompt = highres_feature.to(dtype), highres_prompt.to(dtype)
+@torch.library.custom_op("ps3_kernels::selection_probs", mutates_args=(),
+                         schema="(Tensor feature, Tensor prompt, Tensor? highres_feature, Tensor? highres_prompt) "
+                                "-> Tensor")
+def _probs_op(feature, prompt, highres_feature, highres_prompt):
+    """One launch for the batch; inputs share one dtype (see :func:`selection_probs_triton`)."""
     B, C, h, w = feature.shape
     out = torch.empty(B, h, w, device=feature.device, dtype=feature.dtype)
     if out.numel() == 0:
@@ -169,6 +154,56 @@ def selection_probs_triton(
         INTERPRETED=interpreted, BLOCK_P=block_p, BLOCK_C=64,
     )
     return out
+
+
+@_probs_op.register_fake
+def _(feature, prompt, highres_feature, highres_prompt):
+    B, _, h, w = feature.shape
+    return feature.new_empty(B, h, w)
+
+
+def _probs_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _probs_backward(ctx, grad):
+    """The reference's backward: its forward recomputed with autograd on the saved inputs (small maps),
+    then differentiated; PyTorch ops on the inputs' device."""
+    from ..selection import selection_probs_reference
+
+    inputs = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(inputs, ctx.needs_input_grad)]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        out = selection_probs_reference(*leaves)
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
+
+
+_probs_op.register_autograd(_probs_backward, setup_context=_probs_setup_context)
+
+
+def selection_probs_triton(
+    feature: torch.Tensor,
+    prompt: torch.Tensor,
+    highres_feature: torch.Tensor | None = None,
+    highres_prompt: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`ps3_kernels.selection.selection_probs` (arguments validated and
+    dispatched there); differentiable in all four inputs.
+
+    Inputs of different dtypes are first cast to their promoted dtype (the reference instead
+    normalises each in its own dtype); float32, float16 and bfloat16 are supported.
+    """
+    tensors = [t for t in (feature, prompt, highres_feature, highres_prompt) if t is not None]
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    feature, prompt = feature.to(dtype), prompt.to(dtype)
+    if highres_feature is not None:
+        highres_feature, highres_prompt = highres_feature.to(dtype), highres_prompt.to(dtype)
+    return _probs_op(feature, prompt, highres_feature, highres_prompt)
 
 
 # ----------------------------------------------------------------------------- look assignment
@@ -190,14 +225,25 @@ def _assign_kernel(Out, Order, Quotas, n, num_looks, sq_b, sq_l, BLOCK: tl.const
     tl.store(Out + b * n + patch, look, mask=mask)
 
 
-def assign_looks_triton(probs: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
-    """Triton version of :func:`ps3_kernels.selection.assign_looks` (arguments validated there)."""
+@torch.library.custom_op("ps3_kernels::assign_looks", mutates_args=(), schema="(Tensor probs, Tensor quotas) -> Tensor")
+def _looks_op(probs, quotas):
+    """Stable descending sort per row, then one launch that maps ranks to looks; int64 ``(B, n)``."""
     B, n = probs.shape
     order = torch.sort(probs, dim=-1, descending=True, stable=True).indices.contiguous()
     out = torch.empty(B, n, device=probs.device, dtype=torch.int64)
     if out.numel() == 0:
         return out
-    quotas = quotas.to(device=probs.device, dtype=torch.int64, non_blocking=True)
     block = 1024 if not triton_interpreted() else 256
     _assign_kernel[(B, triton.cdiv(n, block))](out, order, quotas, n, quotas.shape[1], *quotas.stride(), BLOCK=block)
     return out
+
+
+@_looks_op.register_fake
+def _(probs, quotas):
+    return probs.new_empty(probs.shape, dtype=torch.int64)
+
+
+def assign_looks_triton(probs: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
+    """Triton version of :func:`ps3_kernels.selection.assign_looks` (arguments validated there).
+    The output is an integer map: no gradient flows through it, as in the reference."""
+    return _looks_op(probs, quotas.to(device=probs.device, dtype=torch.int64, non_blocking=True))

@@ -97,14 +97,29 @@ def _dot_acc(p, b0, b1, acc0, acc1, D1: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _query_block(BlockSeq, BlockStart, CuSeqlens, pid, BLOCK: tl.constexpr):
-    """Sequence of flat block ``pid`` (``< 0``: a spare program), its first token and length, and the
-    block's row indices within the sequence."""
+def _seq_span(CuSeqlens, seq, total):
+    """First token and length of sequence ``seq``, clamped into ``[0, total)``: bad ``cu_seqlens``
+    (not starting at 0, decreasing, past the tokens) gives wrong spans, never out-of-bounds ones."""
+    start = tl.minimum(tl.maximum(tl.load(CuSeqlens + seq).to(tl.int64), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CuSeqlens + seq + 1).to(tl.int64), start), total)
+    return start, end - start
+
+
+@triton.jit
+def _query_block(BlockSeq, BlockStart, CuSeqlens, pid, total, BLOCK: tl.constexpr):
+    """Sequence of flat block ``pid`` (``< 0``: a spare program), its first token and length, the
+    block's row indices within the sequence and which of them are in it."""
     seq = tl.load(BlockSeq + pid)
     first = (pid - tl.load(BlockStart + tl.maximum(seq, 0))) * BLOCK
-    start = tl.load(CuSeqlens + tl.maximum(seq, 0)).to(tl.int64)
-    length = tl.load(CuSeqlens + tl.maximum(seq, 0) + 1).to(tl.int64) - start
-    return seq, start, length, first + tl.arange(0, BLOCK)
+    start, length = _seq_span(CuSeqlens, tl.maximum(seq, 0), total)
+    rows = first + tl.arange(0, BLOCK)
+    return seq, start, length, rows, (rows >= 0) & (rows < length)
+
+
+@triton.jit
+def _prefix_row(PrefixIndex, seq, num_prefixes):
+    """Prefix row of sequence ``seq``, clamped to the rows that exist."""
+    return tl.minimum(tl.maximum(tl.load(PrefixIndex + seq).to(tl.int64), 0), num_prefixes - 1)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -137,16 +152,16 @@ def _fwd_kernel(
     Q, K, V, PK, PV, Out, Lse, CuSeqlens, PrefixIndex, BlockSeq, BlockStart,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pkn, stride_pkh, stride_pkp, stride_pvn, stride_pvh, stride_pvp,
-    total, num_heads, prefix_len, qk_scale,
+    total, num_heads, num_prefixes, prefix_len, qk_scale,
     HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     """One (query block, head): attend to the sequence's prefix row, then to its own keys."""
-    seq, start, length, rows = _query_block(BlockSeq, BlockStart, CuSeqlens, tl.program_id(0), BLOCK_M)
+    seq, start, length, rows, row_mask = _query_block(BlockSeq, BlockStart, CuSeqlens, tl.program_id(0), total,
+                                                      BLOCK_M)
     if seq < 0:
         return
     h = tl.program_id(1)
-    row_mask = rows < length
     tokens = start + rows
     q0, q1 = _load_tiles(_tile_base(Q, start, stride_qt, h, stride_qh), rows, stride_qt, row_mask, D0, D1, HEAD_DIM)
 
@@ -155,7 +170,7 @@ def _fwd_kernel(
     acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
     acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 1), tl.float32)
     if HAS_PREFIX:
-        p_row = tl.load(PrefixIndex + seq).to(tl.int64)
+        p_row = _prefix_row(PrefixIndex, seq, num_prefixes)
         acc0, acc1, m_i, l_i = _fwd_inner(
             acc0, acc1, m_i, l_i, q0, q1,
             _tile_base(PK, p_row, stride_pkn, h, stride_pkh), _tile_base(PV, p_row, stride_pvn, h, stride_pvh),
@@ -199,16 +214,16 @@ def _bwd_dq_kernel(
     Q, K, V, PK, PV, Out, dOut, dQ, Lse, Delta, CuSeqlens, PrefixIndex, BlockSeq, BlockStart,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pkn, stride_pkh, stride_pkp, stride_pvn, stride_pvh, stride_pvp,
-    total, num_heads, prefix_len, qk_scale, sm_scale,
+    total, num_heads, num_prefixes, prefix_len, qk_scale, sm_scale,
     HAS_PREFIX: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     """One (query block, head): ``delta = rowsum(dO * O)`` (stored for the dK/dV kernel) and dQ."""
-    seq, start, length, rows = _query_block(BlockSeq, BlockStart, CuSeqlens, tl.program_id(0), BLOCK_M)
+    seq, start, length, rows, row_mask = _query_block(BlockSeq, BlockStart, CuSeqlens, tl.program_id(0), total,
+                                                      BLOCK_M)
     if seq < 0:
         return
     h = tl.program_id(1)
-    row_mask = rows < length
     tokens = start + rows
     packed = h * HEAD_DIM  # Out, dOut and dQ are contiguous (total, num_heads, HEAD_DIM)
     q0, q1 = _load_tiles(_tile_base(Q, start, stride_qt, h, stride_qh), rows, stride_qt, row_mask, D0, D1, HEAD_DIM)
@@ -223,7 +238,7 @@ def _bwd_dq_kernel(
     dq0 = tl.zeros((BLOCK_M, D0), tl.float32)
     dq1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 1), tl.float32)
     if HAS_PREFIX:
-        p_row = tl.load(PrefixIndex + seq).to(tl.int64)
+        p_row = _prefix_row(PrefixIndex, seq, num_prefixes)
         dq0, dq1 = _bwd_dq_inner(
             dq0, dq1, q0, q1, do0, do1, lse, delta,
             _tile_base(PK, p_row, stride_pkn, h, stride_pkh), _tile_base(PV, p_row, stride_pvn, h, stride_pvh),
@@ -242,8 +257,7 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, dOut, Lse, Delta, CuS
                     BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr,
                     PREC: tl.constexpr):
     """dK/dV contribution of every query of sequence ``seq`` to one key block (kept transposed: keys x queries)."""
-    start = tl.load(CuSeqlens + seq).to(tl.int64)
-    length = tl.load(CuSeqlens + seq + 1).to(tl.int64) - start
+    start, length = _seq_span(CuSeqlens, seq, total)
     offs_m = tl.arange(0, BLOCK_M)
     q_base = _tile_base(Q, start, stride_qt, h, stride_qh)
     for m0 in range(0, length, BLOCK_M):
@@ -300,9 +314,9 @@ def _bwd_dkdv_kernel(
     else:
         own = pid - num_prefix_programs
         h = own // own_blocks_per_head
-        seq, start, length, cols = _query_block(BlockSeq, BlockStart, CuSeqlens, own % own_blocks_per_head, BLOCK_N)
+        seq, start, length, cols, valid = _query_block(BlockSeq, BlockStart, CuSeqlens, own % own_blocks_per_head,
+                                                       total, BLOCK_N)
         if seq >= 0:
-            valid = cols < length
             k_base = _tile_base(K, start, stride_kt, h, stride_kh)
             v_base = _tile_base(V, start, stride_vt, h, stride_vh)
             k0, k1 = _load_tiles(k_base, cols, stride_kt, valid, D0, D1, HEAD_DIM)
@@ -414,8 +428,8 @@ def _attention_op(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, softmax
         q, k, v, prefix_k if has_prefix else q, prefix_v if has_prefix else q, out, lse, cu_seqlens,
         prefix_index if has_prefix else cu_seqlens, block_seq, block_start,
         *_strides(q, k, v, prefix_k, prefix_v),
-        total, num_heads, prefix_k.shape[2] if has_prefix else 0, softmax_scale * _LOG2E,
-        HAS_PREFIX=has_prefix, HEAD_DIM=head_dim, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
+        total, num_heads, prefix_k.shape[0] if has_prefix else 1, prefix_k.shape[2] if has_prefix else 0,
+        softmax_scale * _LOG2E, HAS_PREFIX=has_prefix, HEAD_DIM=head_dim, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -456,7 +470,7 @@ def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, prefix_k, pr
     block_seq, block_start, num_blocks = _block_schedule(cu_seqlens, block_m, max_seqlen, total)
     _bwd_dq_kernel[(num_blocks, num_heads)](
         q, k, v, pk, pv, out, grad_out, dq, lse, delta, cu_seqlens, index, block_seq, block_start, *strides,
-        total, num_heads, prefix_len, softmax_scale * _LOG2E, softmax_scale,
+        total, num_heads, prefix_k.shape[0] if has_prefix else 1, prefix_len, softmax_scale * _LOG2E, softmax_scale,
         HAS_PREFIX=has_prefix, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
     )
 
@@ -464,7 +478,8 @@ def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, prefix_k, pr
     block_seq, block_start, own_blocks = _block_schedule(cu_seqlens, block_n, max_seqlen, total)
     if has_prefix:
         # CSR of sequences per prefix row, so one program can own (and sum over) a prefix block.
-        rows_sorted, seq_by_row = torch.sort(index, stable=True)
+        # Clamped like the kernels clamp it, so bad rows get the gradient of the row they read.
+        rows_sorted, seq_by_row = torch.sort(index.clamp(0, prefix_k.shape[0] - 1), stable=True)
         rows = torch.arange(prefix_k.shape[0] + 1, device=q.device, dtype=rows_sorted.dtype)
         row_start = torch.searchsorted(rows_sorted, rows, out_int32=True)
         seq_by_row = seq_by_row.to(torch.int32)
@@ -520,18 +535,11 @@ def varlen_prefix_attention_triton(
 ) -> torch.Tensor:
     """Triton implementation of :func:`ps3_kernels.varlen_prefix_attention` (differentiable).
 
-    Expects inputs already validated by ``_check_inputs``; adds the Triton-specific limits:
-    fp16/bf16/fp32, head_dim a multiple of 8 in [16, 256], CUDA tensors (or CPU under
-    ``TRITON_INTERPRET=1``). ``prefix_index`` values must lie in ``[0, num_prefixes)``
-    (not checked: that would need a device sync).
+    Inputs are validated and dispatched there (:data:`ps3_kernels.varlen_attention.SUPPORT`
+    states the limits). Out-of-range ``cu_seqlens``/``prefix_index`` values, which only checked
+    mode catches on the GPU, are clamped by the kernels: wrong results, no out-of-bounds access.
     """
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton kernels, got {q.dtype}")
     head_dim = q.shape[2]
-    if head_dim % 8 or not 16 <= head_dim <= 256:
-        raise ValueError(f"q's head_dim must be a multiple of 8 in [16, 256] for the Triton kernels, got {head_dim}")
-    if not q.is_cuda and not triton_interpreted():
-        raise RuntimeError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 (set before importing triton)")
     if prefix_k is not None:
         prefix_k, prefix_v = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
         if prefix_index is None:

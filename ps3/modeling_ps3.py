@@ -246,7 +246,7 @@ class PS3VisionEncoder(nn.Module):
         grids = [tuple(self.feature_size_scale_i(im, s + 1) for s in range(num_high)) for im in images]
         gt_shapes = [tuple(g.shape) for g in gt_maps] if gt_maps is not None else [None] * len(images)
         for (grid, _), idx in group_by(list(zip(grids, gt_shapes))).items():
-            p = probs[idx]
+            p = probs if len(idx) == len(images) else probs[host_tensor(idx, probs.device)]  # no per-call host copy
             gt = None
             if gt_maps is not None:
                 gt = torch.stack([gt_maps[i] for i in idx])
@@ -399,7 +399,8 @@ class PS3VisionEncoder(nn.Module):
         scale_off_t = host_tensor(scale_off, embedded.device)
         order = torch.argsort(tokens.image * stride + scale_off_t[tokens.scale] + self._raster(tokens, grids))
         counts = [sum(sum(look) for look in plans[b]) for b in range(B)]
-        maps = [[(look_maps[s][b, : h * w] >= 0).to(probs[s][b].dtype).view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)]
+        selected = [(m >= 0).to(probs[s][0].dtype) for s, m in enumerate(look_maps)]  # one op per scale, not per image
+        maps = [[selected[s][b, : h * w].view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)]
 
         if output_hidden_states:
             low_keep = low_hidden[len(low_hidden) - keep :]

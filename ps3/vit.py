@@ -14,11 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ps3_kernels import PackedSequences, varlen_prefix_attention
+from ps3_kernels import PackedSequences, varlen_prefix_attention  # PackedSequences: also importable from here
 
 from .configuration_ps3 import TrunkSpec
-
-__all__ = ["PackedSequences", "VisionTrunk"]  # PackedSequences now lives in ps3_kernels; re-exported here
 
 
 class Mlp(nn.Module):

@@ -143,16 +143,15 @@ def _check_values(seqs: PackedSequences, total: int, num_prefixes: int | None, c
             seqs = dataclasses.replace(seqs, max_seqlen=longest)
         elif seqs.max_seqlen < longest:
             raise ValueError(f"max_seqlen={seqs.max_seqlen} is less than the longest sequence ({longest} tokens)")
-    if seqs.host_prefix_index is not None:
-        index = torch.tensor(seqs.host_prefix_index, dtype=torch.long)
-    else:
-        index = host_values(seqs.prefix_index, checked)
+    index = seqs.host_prefix_index
+    if index is None:
+        values = host_values(seqs.prefix_index, checked)
+        index = None if values is None else values.tolist()
     if index is not None and num_prefixes is not None:
-        bad = ((index < 0) | (index >= num_prefixes)).nonzero()
-        if bad.numel():
-            i = int(bad[0])
+        bad = [i for i, row in enumerate(index) if not 0 <= row < num_prefixes]
+        if bad:
             raise ValueError(f"prefix_index must lie in [0, {num_prefixes}) (the rows of prefix_k), "
-                             f"got prefix_index[{i}]={int(index[i])}")
+                             f"got prefix_index[{bad[0]}]={index[bad[0]]}")
     return seqs
 
 

@@ -217,20 +217,7 @@ def test_triton_without_queries(lengths):
     assert torch.equal(args["prefix_k"].grad, torch.zeros_like(args["prefix_k"]))
 
 
-# ----------------------------------------------------------------------------- custom op
-
-
-@needs_triton
-@pytest.mark.parametrize("with_prefix", [True, False])
-def test_custom_op_opcheck(with_prefix):
-    """Schema, fake (meta) impl, autograd registration and AOT dispatch of the registered op."""
-    import ps3_kernels.triton.varlen_attention  # noqa: F401  (registers the ops)
-
-    args = make_inputs([3, 18], 2, (5, 1, [0, 0]) if with_prefix else None, head_dim=16, dtype=torch.float32,
-                       requires_grad=True)
-    op_args = (args["q"], args["k"], args["v"], args["cu_seqlens"], args["prefix_k"], args["prefix_v"],
-               args["prefix_index"], 0.25, None)
-    torch.library.opcheck(torch.ops.ps3_kernels.varlen_prefix_attention.default, op_args)
+# ----------------------------------------------------------------------------- custom op (opcheck: test_op_gradients.py)
 
 
 @needs_triton

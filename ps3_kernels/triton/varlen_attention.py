@@ -25,6 +25,8 @@ Layout of the work:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -358,6 +360,9 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, in
     return dict(fwd=(128, 64, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 128, 8, 3))
 
 
+_SCHEDULES: dict[int, tuple[weakref.ref, dict]] = {}  # id(cu_seqlens) -> (its weakref, schedules by key)
+
+
 def _block_schedule(
     cu: torch.Tensor, block: int, max_seqlen: int | None, total: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -365,8 +370,14 @@ def _block_schedule(
 
     Returns ``(seq_of_program, first_program_of_seq, num_programs)``: ``num_programs`` is an upper
     bound on the number of ``block``-sized blocks over all sequences; the spare programs past the
-    real ones get ``seq = -1`` and exit at once.
+    real ones get ``seq = -1`` and exit at once. Kept per ``cu_seqlens`` tensor (while it lives and
+    is not modified): every layer of a pass shares one, so the schedule is built once per pass,
+    not once per layer (8 small launches each). Not kept while a CUDA graph is being captured.
     """
+    key = (cu._version, block, max_seqlen, total)
+    owner, schedules = _SCHEDULES.get(id(cu), (None, {}))
+    if owner is not None and owner() is cu and key in schedules:
+        return schedules[key]
     num_seqs = cu.numel() - 1
     bound = triton.cdiv(total, block) + num_seqs
     if max_seqlen is not None:
@@ -375,7 +386,14 @@ def _block_schedule(
     ends = torch.cumsum(nblocks, 0, dtype=torch.int32)
     pids = torch.arange(bound, device=cu.device, dtype=torch.int32)
     seq = torch.searchsorted(ends, pids, right=True, out_int32=True)
-    return torch.where(seq < num_seqs, seq, -1), ends - nblocks, bound
+    schedule = (torch.where(seq < num_seqs, seq, -1), ends - nblocks, bound)
+    if not (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if owner is None or owner() is not cu:
+            schedules = {}
+            _SCHEDULES[id(cu)] = (weakref.ref(cu), schedules)
+            weakref.finalize(cu, _SCHEDULES.pop, id(cu), None)
+        schedules[key] = schedule
+    return schedule
 
 
 def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,

@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from .baselines import (
     s2_encode,
     s2_geometry,
 )
+from .cli_common import ArgumentParser, UsageError, check_output_folder
 from .configuration_ps3 import PS3VisionConfig
 from .demo import demo_config, randomize_parameters_
 from .modeling_ps3 import PS3VisionModel
@@ -435,7 +437,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
     """Measure every (resolution, batch, method) of ``opts``; records in that order."""
     preset = PRESETS[opts.preset]
     if not opts.count_only and preset.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset {opts.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
+        raise RuntimeError(f"preset {opts.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
     env = environment(preset.device if not opts.count_only else "cpu")
     ours = [m for m in opts.methods if m not in UPSTREAM_LOOKS]
     upstream = [m for m in opts.methods if m in UPSTREAM_LOOKS]
@@ -601,7 +603,7 @@ def _method_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
-    parser = argparse.ArgumentParser(prog="ps3-bench", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="ps3-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-smoke",
                         help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
@@ -629,13 +631,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     for name in ("warmup", "reps"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
+    if not args.upstream_timeout > 0:
+        parser.error(f"--upstream-timeout must be > 0 seconds, got {args.upstream_timeout}")
+    if args.upstream_python is not None and shutil.which(args.upstream_python) is None:
+        parser.error(f"--upstream-python {args.upstream_python} is not an executable (a path or a command on PATH)")
+    if not args.count_only and preset.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
+    out = args.out or Path("bench_results") / args.preset
+    try:
+        check_output_folder(out, "--out")
+    except UsageError as err:
+        parser.error(str(err))
     opts = Options(
         preset=args.preset, methods=args.methods, resolutions=resolutions, batches=args.batches or list(preset.batches),
         count_only=args.count_only, warmup=preset.warmup if args.warmup is None else args.warmup,
         reps=preset.reps if args.reps is None else args.reps, upstream_python=args.upstream_python,
         upstream_timeout=args.upstream_timeout, seed=args.seed,
     )
-    return opts, args.out or Path("bench_results") / args.preset
+    return opts, out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

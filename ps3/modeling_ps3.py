@@ -34,8 +34,10 @@ HIGHRES_SELECTION_SIZE = 1512  # upstream scores saliency on a fixed 1512x1512 v
 
 @dataclass
 class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
-    """Upstream's output fields. For a list input, each field is a list with one entry per
-    image, equal to that field of the image encoded alone (batch dimension 1)."""
+    """Upstream's output fields, plus ``look_maps`` (only with ``output_look_maps=True``):
+    per high-res scale, ``(B, h, w)`` int64, the look that selected each patch (-1 where none
+    did); ``selection_maps`` is its union. For a list input, each field is a list with one
+    entry per image, equal to that field of the image encoded alone (batch dimension 1)."""
 
     last_hidden_state: Any = None
     hidden_states: Any = None
@@ -44,6 +46,7 @@ class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
     selection_probs: Any = None
     bottomup_selection_probs: Any = None
     topdown_selection_probs: Any = None
+    look_maps: Any = None
 
 
 class PS3VisionEncoder(nn.Module):
@@ -365,8 +368,11 @@ class PS3VisionEncoder(nn.Module):
         num_token_look_close=None,
         smooth_selection_prob: bool = False,
         only_select_first_n_scale=None,
+        output_look_maps: bool = False,
     ) -> PS3VisionModelOutput:
         images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
+        if not isinstance(output_look_maps, bool):
+            raise TypeError(f"output_look_maps must be a bool, got {type(output_look_maps).__name__}")
         weight = self.trunk.pos_embed
         if images[0].dtype != weight.dtype or images[0].device != weight.device:
             raise TypeError(
@@ -397,16 +403,17 @@ class PS3VisionEncoder(nn.Module):
         order = torch.argsort(tokens.image * stride + scale_off_t[tokens.scale] + self._raster(tokens, grids))
         counts = [sum(sum(look) for look in plans[b]) for b in range(B)]
         maps = [[(look_maps[s][b, : h * w] >= 0).to(probs[s][b].dtype).view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)]
+        looks = [[look_maps[s][b, : h * w].view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)] if output_look_maps else None
 
         if output_hidden_states:
             low_keep = low_hidden[len(low_hidden) - keep :]
             layers = [self._join(lo, hi[order], counts, batched) for lo, hi in zip(low_keep, high.hidden_states)]
-            return self._finish(batched, layers, None, maps, probs, prior, posterior)
+            return self._finish(batched, layers, None, maps, probs, prior, posterior, looks)
 
         pooled = self._pooled(high.hidden_states[-1][order], tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only)
         if args.is_global_text is not None:
             pooled = torch.where(args.is_global_text, self._pool(low_hidden[-1]), pooled)
-        return self._finish(batched, None, pooled if batched else list(pooled.split(1)), maps, probs, prior, posterior)
+        return self._finish(batched, None, pooled if batched else list(pooled.split(1)), maps, probs, prior, posterior, looks)
 
     @staticmethod
     def _join(low: torch.Tensor, high: torch.Tensor, counts: list[int], batched: bool):
@@ -465,11 +472,12 @@ class PS3VisionEncoder(nn.Module):
         return self._pool(padded, mask)
 
     @staticmethod
-    def _finish(batched, layers, pooled, maps, probs, bottomup, topdown) -> PS3VisionModelOutput:
+    def _finish(batched, layers, pooled, maps, probs, bottomup, topdown, looks=None) -> PS3VisionModelOutput:
         """Upstream's batched layout for a tensor input; per-image lists for a list input.
 
         ``layers`` (kept hidden layers) and ``pooled`` come already in that layout; ``maps``
-        (``[image][scale]``) and the probabilities (``[scale][image]``) are small per-image maps.
+        and ``looks`` (``[image][scale]``) and the probabilities (``[scale][image]``) are small
+        per-image maps.
         """
         B = len(probs[0])
         if batched:
@@ -484,6 +492,7 @@ class PS3VisionEncoder(nn.Module):
                 selection_probs=scales(probs),
                 bottomup_selection_probs=scales(bottomup),
                 topdown_selection_probs=scales(topdown),
+                look_maps=None if looks is None else [torch.stack(s) for s in zip(*looks)],
             )
 
         def per_image(p):
@@ -497,6 +506,7 @@ class PS3VisionEncoder(nn.Module):
             selection_probs=per_image(probs),
             bottomup_selection_probs=per_image(bottomup),
             topdown_selection_probs=per_image(topdown),
+            look_maps=None if looks is None else [[m[None] for m in per] for per in looks],
         )
 
 
@@ -554,18 +564,21 @@ class PS3VisionModel(PS3PreTrainedModel):
         is_global_text=None,
         pool_gt_token_only=False,
         output_hidden_states=True,
+        output_look_maps=False,
     ) -> PS3VisionModelOutput:
         """Encode images: the low-res view, then ``num_look_close`` high-res looks.
 
         ``pixel_values`` is ``(B, 3, H, W)`` or a list of ``(3, H, W)`` images of any sizes
         (encoded as one packed batch; outputs are then per-image lists). See the README for
-        every argument; they mean what they mean upstream.
+        every argument; they mean what they mean upstream. ``output_look_maps`` (not
+        upstream's) also returns which look selected each patch.
         """
         return self.vision_model(
             pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps, is_global_text=is_global_text,
             output_hidden_states=output_hidden_states, pool_gt_token_only=pool_gt_token_only,
             num_look_close=num_look_close, num_token_look_close=num_token_look_close,
             smooth_selection_prob=smooth_selection_prob, only_select_first_n_scale=only_select_first_n_scale,
+            output_look_maps=output_look_maps,
         )
 
 

@@ -100,7 +100,10 @@ def synthetic_image(size: int = 1512) -> Image.Image:
 
 
 def _figure_suffixes() -> set[str]:
-    from matplotlib.backend_bases import FigureCanvasBase
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise UsageError("ps3-encode draws its figure with matplotlib: pip install matplotlib") from None
 
     return {f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes()}
 

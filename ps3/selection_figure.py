@@ -18,7 +18,7 @@ DPI = 100
 _PANEL_MAX_IN = 5.0  # panel width
 _PANEL_MAX_H_IN = 8.0  # panel height of tall images, as long as the panel stays _PANEL_MIN_IN wide
 _PANEL_MIN_IN = 3.0
-_DISPLAY_MAX_PX = 1000  # the image is downsampled to this before plotting
+_DISPLAY_MAX_PX = 800  # the image is downsampled to this before plotting (panels are <= 500 px)
 
 
 @dataclass

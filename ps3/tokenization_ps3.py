@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import operator
 import os
 import string
 import warnings
@@ -52,6 +53,18 @@ CLEAN_FUNCTIONS = {
 }
 
 
+def _check_context_length(value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"context_length must be an int, got {value!r}")
+    try:
+        value = operator.index(value)  # ints and numpy ints; not floats or strings
+    except TypeError:
+        raise TypeError(f"context_length must be an int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"context_length must be >= 1, got {value}")
+    return value
+
+
 class PS3Tokenizer:
     """Texts -> ``LongTensor (N, context_length)`` of token ids, padded/truncated to length.
 
@@ -73,6 +86,8 @@ class PS3Tokenizer:
 
         if clean not in CLEAN_FUNCTIONS:
             raise ValueError(f"clean must be one of {sorted(CLEAN_FUNCTIONS)}, got {clean!r}")
+        if context_length is not None:
+            _check_context_length(context_length)
         self.init_kwargs = dict(
             tokenizer_name=tokenizer_name,
             context_length=context_length,
@@ -130,9 +145,13 @@ class PS3Tokenizer:
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a string or a list of strings")
-        context_length = context_length or self.context_length
-        if not context_length or context_length < 1:
+        if not texts:
+            raise ValueError("texts is an empty list; give at least one string")
+        if context_length is None or (type(context_length) is int and context_length == 0):  # upstream's `or`
+            context_length = self.context_length
+        if context_length is None:
             raise ValueError("context_length must be a positive int, set at construction or per call")
+        context_length = _check_context_length(context_length)
         input_ids = self.tokenizer(
             [self.clean_fn(t) for t in texts],
             return_tensors="pt",

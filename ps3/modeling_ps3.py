@@ -536,12 +536,12 @@ class PS3PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PS3VisionEncoder"]
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """Modules initialise themselves; checkpoints overwrite everything."""
-
     # model_type values in config.json this class loads (a combined "ps3" holds both towers).
     _checkpoint_model_types: tuple[str, ...] = ("ps3",)
     _has_vision_trunk = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Modules initialise themselves; checkpoints overwrite everything."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -650,7 +650,6 @@ class PS3TextModel(PS3PreTrainedModel):
 class PS3Model(PS3PreTrainedModel):
     config_class = PS3Config
     main_input_name = "pixel_values"
-
     _has_vision_trunk = True
 
     def __init__(self, config: PS3Config, trunk_pos_grid: int | None = None):

@@ -147,7 +147,7 @@ class PS3VisionEncoder(nn.Module):
         if not self.config.dynamic_img_size:
             raise ValueError(
                 f"config.dynamic_img_size is off, so the trunk's position embedding only fits its {grid}x{grid} grid "
-                f"(img_size {self.spec.img_size}), but a {size[0]}x{size[1]} grid is needed; upstream's timm trunk "
+                f"(img_size {self.spec.img_size}), but this input needs {size[0]}x{size[1]}; upstream's timm trunk "
                 "refuses such inputs too. Set dynamic_img_size=True to resample it."
             )
         # Not cached under torch.compile (the graph computes it once) or while it needs gradients.

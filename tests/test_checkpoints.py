@@ -165,7 +165,7 @@ def test_fixed_size_trunk_runs_only_its_native_grid():
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(fixed(x, num_look_close=0).last_hidden_state, dynamic(x, num_look_close=0).last_hidden_state)
-    with pytest.raises(ValueError, match="dynamic_img_size is off.*8x8 grid"):
+    with pytest.raises(ValueError, match="dynamic_img_size is off.*needs 8x8"):
         fixed(x, num_look_close=1)
-    with pytest.raises(ValueError, match="dynamic_img_size is off.*4x4 grid"):
+    with pytest.raises(ValueError, match="dynamic_img_size is off.*needs 4x4"):
         trunk_grid_model(224, dynamic_img_size=False)(x, num_look_close=0)

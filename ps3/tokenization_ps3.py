@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import operator
 import os
 import string
 import warnings
@@ -53,6 +54,18 @@ CLEAN_FUNCTIONS = {
 }
 
 
+def _check_context_length(value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"context_length must be an int, got {value!r}")
+    try:
+        value = operator.index(value)  # ints and numpy ints; not floats or strings
+    except TypeError:
+        raise TypeError(f"context_length must be an int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"context_length must be >= 1, got {value}")
+    return value
+
+
 class PS3Tokenizer:
     """Texts -> ``LongTensor (N, context_length)`` of token ids, padded/truncated to length.
 
@@ -78,6 +91,8 @@ class PS3Tokenizer:
         named = isinstance(tokenizer_name, (str, os.PathLike))
         if not named and not isinstance(tokenizer_name, PreTrainedTokenizerBase):
             raise TypeError(f"tokenizer_name must be a name, a folder or a Hugging Face tokenizer, got {type(tokenizer_name).__name__}")
+        if context_length is not None:
+            _check_context_length(context_length)
         self.init_kwargs = dict(
             tokenizer_name=os.fspath(tokenizer_name) if named else tokenizer_name,
             context_length=context_length,
@@ -137,9 +152,13 @@ class PS3Tokenizer:
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a string or a list of strings")
-        context_length = context_length or self.context_length
-        if not context_length or context_length < 1:
+        if not texts:
+            raise ValueError("texts is an empty list; give at least one string")
+        if context_length is None or (type(context_length) is int and context_length == 0):  # upstream's `or`
+            context_length = self.context_length
+        if context_length is None:
             raise ValueError("context_length must be a positive int, set at construction or per call")
+        context_length = _check_context_length(context_length)
         input_ids = self.tokenizer(
             [self.clean_fn(t) for t in texts],
             return_tensors="pt",

@@ -66,7 +66,8 @@ def test_fixtures_present():
 
 # The Triton kernels run interpreted on the CPU: a subset that still covers every path.
 TRITON_CASES = ["bottomup_look2", "topdown_look1", "tokens_odd47", "nonsquare_wide", "first_n_list",
-                "smooth_gt_topdown", "pooled_gt", "nohr_pooled", "v4_look2", "v4_nonsquare", "ps3_encode_image"]
+                "smooth_gt_topdown", "pooled_gt", "nohr_pooled", "v4_look2", "v4_nonsquare", "ps3_encode_image",
+                "g16_topdown_tokens_tall", "g16_pooled", "v4g7_pooled"]
 
 
 def check_case(case: str, backend: str) -> None:

@@ -94,11 +94,24 @@ class PS3ImageProcessor(BaseImageProcessor):
     def _pil_filter(self) -> Image.Resampling:
         return Image.Resampling.BILINEAR if self.interpolation == "bilinear" else Image.Resampling.BICUBIC
 
-    def _resize_pil(self, image: Image.Image) -> torch.Tensor:
-        height, width = self.image_size
+    def resize_to_uint8(self, image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The processor's pixels before scaling: ``image`` resized (in its own mode, with the
+        processor's filter) to ``size`` (height, width; default ``image_size``), then RGB, as a
+        ``(3, H, W)`` uint8 tensor. Loaders that resize each image to its own size (aspect kept)
+        decode with this and finish with :meth:`normalize_uint8`, a quarter of the bytes in transit."""
+        height, width = size or self.image_size
         image = image.resize((width, height), self._pil_filter).convert("RGB")
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(..., 3, H, W)`` uint8 RGB -> normalised float32 on ``pixels``' device, exactly what
+        :meth:`preprocess` computes for a PIL image."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        return (pixels.float().div(255) - mean) / std
+
+    def _resize_pil(self, image: Image.Image) -> torch.Tensor:
+        return self.resize_to_uint8(image).float().div(255)
 
     def _resize_float(self, image: torch.Tensor) -> torch.Tensor:
         mode = "bilinear" if self.interpolation == "bilinear" else "bicubic"

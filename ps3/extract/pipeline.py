@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..configuration_ps3 import PS3Config
-from ..demo import demo_model
+from ..demo import load_towers
 from ..image_processing_ps3 import PS3ImageProcessor
-from ..modeling_ps3 import PS3TextModel, PS3VisionEncoder, PS3VisionModel
+from ..modeling_ps3 import PS3VisionEncoder, PS3VisionModel
 from ..selection_plan import plan_looks
-from ..tokenization_ps3 import TOKENIZER_CONFIG_NAME, PS3Tokenizer
 from .shards import shard_name
 from .sources import Chunker, Failure, ImageInput, Pending, Sample, open_image, token_batches
 
@@ -28,29 +26,13 @@ FEATURES = {"pooled": ("pooled", "pooled_highres"), "tokens": ("tokens", "select
 
 
 def load_models(folder: str | None, dtype: torch.dtype, device: torch.device | str, with_text: bool):
-    """``(vision model, text model or None, tokenizer or None)`` from a checkpoint folder, or
-    the small built-in random model when ``folder`` is None.
-
-    The text side is loaded only when ``with_text`` and the checkpoint has one (a ``ps3``
-    config holding both towers, plus a ``tokenizer_config.json``).
-    """
-    if folder is None:
-        # The built-in model is vision-only for now; a text tower for it plugs in here.
-        return demo_model().to(device, dtype).eval(), None, None
-    vision = PS3VisionModel.from_pretrained(folder, dtype=dtype).to(device).eval()
-    text = tokenizer = None
-    if with_text and _has_text_tower(folder):
-        text = PS3TextModel.from_pretrained(folder, dtype=dtype).to(device).eval()
-        if (Path(folder) / TOKENIZER_CONFIG_NAME).is_file():
-            tokenizer = PS3Tokenizer.from_pretrained(folder)
-    return vision, text, tokenizer
-
-
-def _has_text_tower(folder: str) -> bool:
-    from transformers import PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(folder)
-    return config.get("model_type") == PS3Config.model_type
+    """``(vision model, text model or None, tokenizer or None)`` on ``device``, from a
+    checkpoint folder or the small built-in random model (``folder=None``), as
+    :func:`ps3.demo.load_towers` finds them; the text side only when ``with_text``."""
+    vision, text, tokenizer = load_towers(folder, dtype=dtype)
+    if not with_text or text is None:
+        return vision.to(device), None, None
+    return vision.to(device), text.to(device), tokenizer
 
 
 def image_processor(folder: str | None, encoder: PS3VisionEncoder) -> PS3ImageProcessor:

@@ -46,15 +46,14 @@ WHEELS = REPO_ROOT / ".whl"
 class Stage:
     name: str
     share: float  # of the budget
-    summary_keys: tuple[str, ...]  # what it contributes to summary.json
 
 
-STAGES = (
-    Stage("environment", 0.08, ("device", "torch", "triton", "python", "commit", "gpu", "ceilings")),
-    Stage("correctness", 0.30, ("correctness",)),
-    Stage("op_timings", 0.25, ("timings", "variants")),
-    Stage("end_to_end", 0.27, ("end_to_end",)),
-    Stage("launch_overhead", 0.10, ("launch_overhead",)),
+STAGES = (  # in priority order; implemented in suite_stages.py
+    Stage("environment", 0.08),  # device, versions, commit, bf16 GEMM and copy ceilings
+    Stage("correctness", 0.30),  # every op against float64, upstream parity, no host sync
+    Stage("op_timings", 0.25),  # the ops side by side with their peers, launch variants
+    Stage("end_to_end", 0.27),  # the encoder against upstream PS3, S2 and AnyRes
+    Stage("launch_overhead", 0.10),  # CUDA graph replay against eager
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 FINAL = ("ok", "failed", "timeout", "skipped")
@@ -176,7 +175,9 @@ def format_summary(s: dict[str, Any]) -> str:
         lines += ["", "launch variants (winner: fastest correct one)", ""]
         for v in s["variants"]:
             times = ", ".join(f"{c['name']} {_fmt(c.get('ms'), 3)}" for c in v["candidates"])
-            lines.append(f"- {v['op']} {v['shape']}: winner **{v['winner']}** ({times} ms)")
+            verdict = "" if v["winner"] in (None, "default") else \
+                f", x{_fmt(v['speedup_vs_default'])} over default, {'decisive' if v.get('decisive') else 'within noise'}"
+            lines.append(f"- {v['op']} {v['shape']}: winner **{v['winner']}** ({times} ms{verdict})")
     if s.get("end_to_end"):
         lines += ["", "end to end (bf16; x floor = ms / (counted FLOPs at the measured bf16 GEMM rate))", "",
                   "| method | batch | looks | ms | TFLOP/s | x floor | peak MiB | status |",

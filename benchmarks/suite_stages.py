@@ -355,8 +355,7 @@ def check_patch_embed(ctx: StageContext, tag: str, batch: int) -> dict[str, Any]
     ours, ref = leaves(case, None), leaves(case, torch.float64)
     with use_backend("triton"), poisoned_empty():
         out = bench_patch_embed.sparse_embed(ours)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
-    with use_backend("triton"):
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
         out.backward(grad)
     with use_backend("torch"):
         ref_out = bench_patch_embed.sparse_embed(ref)

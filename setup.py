@@ -18,10 +18,13 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "triton>=3.6", "pytest-benchmark", "matplotlib", "tqdm"],
+        "test": ["pytest", "triton>=3.6", "pytest-benchmark", "matplotlib", "tqdm", "webdataset"],
         "bench": ["triton>=3.6", "matplotlib", "tqdm", "pytest-benchmark"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
+        "webdataset": ["webdataset"],
     },
-    entry_points={"console_scripts": ["ps3-encode=ps3.cli:main", "ps3-bench=ps3.bench:main"]},
+    entry_points={
+        "console_scripts": ["ps3-encode=ps3.cli:main", "ps3-bench=ps3.bench:main", "ps3-extract=ps3.extract.cli:main"]
+    },
 )

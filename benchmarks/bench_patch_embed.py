@@ -141,6 +141,7 @@ def main() -> None:
     import triton.testing
 
     dtype = getattr(torch, args.dtype)
+    tol = 1e-2 if dtype != torch.float32 else 1e-5  # relative error against upstream's way
     device_name = torch.cuda.get_device_name()
     peak = _peak(device_name)
     rows = []
@@ -152,16 +153,13 @@ def main() -> None:
                     got = sparse_embed(case)
                     ref = upstream_embed(case)
                     err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-                    if not err < (1e-2 if dtype != torch.float32 else 1e-5):
-                        raise SystemExit(f"kernel disagrees with upstream's way: rel. error {err:.2e} "
-                                         f"at {resolution}px, {num_tokens} tokens, batch {batch}")
                     t_up = triton.testing.do_bench(lambda: upstream_embed(case), return_mode="median")
                     t_ours = triton.testing.do_bench(lambda: sparse_embed(case), return_mode="median")
                 floor = floor_bytes(case)
                 flops = 2 * len(case["tokens"]) * case["weight"][0].numel() * case["weight"].shape[0]
                 row = dict(
                     resolution=resolution, scales=case["scales"], batch=batch, tokens_per_image=num_tokens,
-                    rel_err_vs_upstream=err, upstream_ms=t_up, triton_ms=t_ours, speedup=t_up / t_ours,
+                    rel_err_vs_upstream=err, ok=err < tol, upstream_ms=t_up, triton_ms=t_ours, speedup=t_up / t_ours,
                     floor_bytes=floor, achieved_bytes_per_s=floor / (t_ours * 1e-3),
                     fraction_of_peak_bandwidth=(floor / (t_ours * 1e-3) / peak) if peak else None,
                     matmul_tflops=flops / (t_ours * 1e-3) / 1e12,
@@ -176,6 +174,9 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
     print(f"wrote {args.out}")
+    wrong = [f"{r['resolution']}px/{r['tokens_per_image']} tokens/B={r['batch']}" for r in rows if not r["ok"]]
+    if wrong:  # after writing: a correctness miss must not lose the timings
+        sys.exit(f"kernel off upstream's way by more than {tol} in: {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

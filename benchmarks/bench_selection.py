@@ -125,14 +125,10 @@ def main() -> None:
                 with use_backend("triton"):
                     probs = score(case)
                     prob_err = (probs.float() - ref_probs.float()).abs().max().item()
-                    if not prob_err <= 2 * torch.finfo(dtype).eps:
-                        raise SystemExit(f"scoring disagrees with the reference: max abs error {prob_err:.2e}")
                     scaled = per_scale(probs, case["grids"])
                     got = assign(scaled, case)
                     want = upstream_assign(scaled, case, stable=True)
-                    if not all(torch.equal(g, w) for g, w in zip(got, want)):
-                        raise SystemExit(f"assign_looks disagrees with upstream's loop at {resolution}px, "
-                                         f"{looks} looks, batch {batch}")
+                    assign_equal = all(torch.equal(g, w) for g, w in zip(got, want))
                     t_score = triton.testing.do_bench(lambda: score(case), return_mode="median")
                     t_assign = triton.testing.do_bench(lambda: assign(scaled, case), return_mode="median")
                     t_assign_graph = _graph_ms(lambda: assign(scaled, case))
@@ -142,6 +138,7 @@ def main() -> None:
                 row = dict(
                     resolution=resolution, scales=scale_set(resolution), batch=batch, looks=looks,
                     quotas_per_look=[int(q[0, 0]) for q in case["quotas"]], max_abs_prob_err=prob_err,
+                    ok=prob_err <= 2 * torch.finfo(dtype).eps and assign_equal, assign_equal=assign_equal,
                     score_reference_ms=t_score_ref, score_triton_ms=t_score, score_speedup=t_score_ref / t_score,
                     assign_upstream_loop_ms=t_loop, assign_triton_ms=t_assign, assign_triton_graph_ms=t_assign_graph,
                     assign_speedup=t_loop / t_assign,
@@ -156,6 +153,10 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
     print(f"wrote {args.out}")
+    wrong = [f"{r['resolution']}px/L={r['looks']}/B={r['batch']}" for r in rows if not r["ok"]]
+    if wrong:  # after writing: a correctness miss must not lose the timings
+        sys.exit("scoring off the reference by more than 2 eps, or assignment different from upstream's loop, "
+                 f"in: {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

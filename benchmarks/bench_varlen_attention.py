@@ -73,19 +73,20 @@ def rel_and_max_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
     return (diff.norm() / ref.float().norm()).item(), diff.abs().max().item()
 
 
+TRITON_TOL = 1e-2  # relative error of the bf16 kernel against the float32 reference
+
+
 def check(case: dict[str, Any], impls: list[str]) -> dict[str, dict[str, Any]]:
-    """Errors of every implementation against the reference run in float32; Triton must pass."""
+    """Errors of every implementation against the reference run in float32 (``ok``: within ``TRITON_TOL``)."""
     exact = {n: (t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in case.items()}
     ref = varlen_prefix_attention(**exact, impl="torch")
     errors = {}
     for impl in impls:
         try:
             rel, mx = rel_and_max_err(varlen_prefix_attention(**case, impl=impl), ref)
-            errors[impl] = dict(rel=rel, max_abs=mx)
+            errors[impl] = dict(rel=rel, max_abs=mx, ok=rel < TRITON_TOL)
         except Exception as e:  # a peer that cannot run this case (memory, shape limits)
             errors[impl] = dict(error=f"{type(e).__name__}: {e}"[:300])
-    if not errors["triton"].get("rel", 1.0) < 1e-2:
-        raise SystemExit(f"Triton output disagrees with the reference: {errors['triton']}")
     return errors
 
 
@@ -143,7 +144,7 @@ def bench_case(name: str, lengths: list[int], index: list[int], impls: list[str]
                 records.append(dict(
                     case=name, num_seqs=len(lengths), tokens=sum(lengths), impl=impl, variant=variant, mode=mode,
                     ms=ms, tflops=(total_flops / (ms * 1e-3) / 1e12) if ms else None, error=error,
-                    max_abs_err=errors[impl]["max_abs"], rel_err=errors[impl]["rel"],
+                    max_abs_err=errors[impl]["max_abs"], rel_err=errors[impl]["rel"], ok=errors[impl]["ok"],
                 ))
     ours = {r["mode"]: r["ms"] for r in records if r["impl"] == "triton"}
     for r in records:
@@ -176,6 +177,9 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, results=records), f, indent=1)
     print(f"wrote {args.out}")
+    wrong = sorted({r["case"] for r in records if r["impl"] == "triton" and not r["ok"]})
+    if wrong:  # after writing: a correctness miss must not lose the timings
+        sys.exit(f"Triton output off the reference by more than {TRITON_TOL} in: {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ package is checked). It builds an upstream model of the same shape with upstream
 random init (a trunk unknown to timm is registered under the config's name), keeps one
 hidden layer as the bench does, and for each (batch, looks) measures peak memory, FLOPs
 (``FlopCounterMode`` on the real run, attention as upstream executes it) and median
-latency with the same timers as ``ps3.bench``. Failures and OOMs are reported per entry.
+latency with the same timers as ``ps3.bench``. Failures and OOMs are reported per entry, and
+RESULT.json is rewritten after every entry.
 """
 
 from __future__ import annotations
@@ -187,15 +188,17 @@ def main(argv: list[str]) -> int:
     model = model.to(dtype).eval().requires_grad_(False)
     model.vision_model.num_hidden_layers_to_return = 1
     R = request["resolution"]
-    results = []
+    reply = {"upstream_version": upstream_version, "torch": torch.__version__, "results": []}
+    out = Path(argv[1])
     for B in request["batches"]:
         gen = torch.Generator(device=device).manual_seed(request["seed"])
         x = torch.randn(B, 3, R, R, generator=gen, device=device).to(dtype)
         for looks in request["looks"]:
-            results.append(measure(model, x, looks, request["warmup"], request["reps"]))
+            reply["results"].append(measure(model, x, looks, request["warmup"], request["reps"]))
+            # Rewritten after every entry, so a caller that stops this process keeps what was measured.
+            out.with_suffix(".tmp").write_text(json.dumps(reply))
+            out.with_suffix(".tmp").replace(out)
         del x
-    reply = {"upstream_version": upstream_version, "torch": torch.__version__, "results": results}
-    Path(argv[1]).write_text(json.dumps(reply))
     return 0
 
 

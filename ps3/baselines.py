@@ -14,6 +14,8 @@ running anything, which is how token and attention-FLOP counts are computed.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -157,24 +159,46 @@ def anyres_encode(
 # ----------------------------------------------------------------------------- S2
 
 
-def _s2_sizes(x: torch.Tensor, scales: Sequence[float] | None, img_sizes: Sequence[int] | None) -> list[int]:
-    if (scales is None) == (img_sizes is None):
-        raise ValueError("give exactly one of scales (multipliers of the input size) or img_sizes (pixels)")
-    if img_sizes is None:
-        if x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"scales multiply a square input's side; got {x.shape[-2]}x{x.shape[-1]} (use img_sizes)")
-        img_sizes = [int(x.shape[-1] * s) for s in scales]
-    sizes = list(img_sizes)
-    if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"image sizes must be positive ints, got {sizes}")
-    return sizes
+def _int_arg(name: str, value) -> int:
+    """An int or numpy integer (not a bool or a float)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def _positive_int(name: str, value) -> int:
+    """A pixel size: an int or numpy integer >= 1."""
+    value = _int_arg(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _s2_sizes(x: torch.Tensor, scales, img_sizes) -> list[int]:
+    """Pixel size of every scale: ``img_sizes`` when given (it wins over ``scales``, as in
+    s2wrapper), else ``int(side * scale)`` of the square input."""
+    if img_sizes is not None and len(img_sizes):
+        return [_positive_int("img_sizes", s) for s in img_sizes]
+    if scales is None or not len(scales):
+        raise ValueError("give scales (multipliers of the input side) or img_sizes (pixels)")
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"scales multiply a square input's side; got {x.shape[-2]}x{x.shape[-1]} (use img_sizes)")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0:
+            raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    return [_positive_int("scales * input side", int(x.shape[-1] * s)) for s in scales]
 
 
 def s2_splits(img_sizes: Sequence[int], max_split_size: int | None = None) -> list[int]:
-    """Crops per side at each scale: ``ceil(size / max_split_size)`` (default: the smallest size)."""
-    split = max_split_size if max_split_size is not None else min(img_sizes)
-    if not isinstance(split, int) or split < 1:
-        raise ValueError(f"max_split_size must be a positive int, got {split!r}")
+    """Crops per side at each scale: ``ceil(size / max_split_size)``.
+
+    Without ``max_split_size`` the split is the smallest size, i.e. crops of the ViT's own
+    input as :func:`s2_encode` uses them (:func:`s2_forward` defaults to the input's side).
+    """
+    split = _positive_int("max_split_size", max_split_size if max_split_size is not None else min(img_sizes))
     splits = [math.ceil(s / split) for s in img_sizes]
     for s, n in zip(img_sizes, splits):
         if s % n:
@@ -188,59 +212,99 @@ def s2_geometry(img_sizes: Sequence[int], patch: int, max_split_size: int | None
 
 
 def s2_forward(
-    model_fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    input: torch.Tensor,
     scales: Sequence[float] | None = None,
-    max_split_size: int | None = None,
-    *,
     img_sizes: Sequence[int] | None = None,
+    max_split_size: int | None = None,
     resize_output_to_idx: int = 0,
+    num_prefix_token: int = 0,
     output_shape: str = "bnc",
+    split_forward: bool = False,
 ) -> torch.Tensor:
-    """S2 ("scaling on scales") multi-scale features from any crop encoder ``model_fn``.
+    """S2 ("scaling on scales") multi-scale features; a drop-in for s2wrapper's ``forward``
+    (same arguments, order and defaults).
 
-    For each scale (``scales`` multiply the input side, as in s2wrapper, or ``img_sizes`` are
-    pixels) the input is resized, cut chessboard-wise into ``max_split_size`` crops (default:
-    the smallest scale), the crops are encoded, their feature maps stitched back and
-    area-pooled to the grid of scale ``resize_output_to_idx``; the scales' maps are
-    concatenated along channels. Crops of equal size (all of them, with the default split)
-    go through ``model_fn`` as one batch.
+    For each scale (``img_sizes`` in pixels, else ``scales`` times the input side) the input
+    is resized (bicubic, fp32), cut chessboard-wise into crops of at most ``max_split_size``
+    (default: the input's own side), and the crops are encoded by ``model``. Each scale's
+    crop features are stitched back, area-pooled to the grid of scale ``resize_output_to_idx``
+    and concatenated along channels. ``model`` maps ``(N, C, h, w)`` crops to ``(N, tokens, D)``
+    with ``num_prefix_token`` leading tokens (class tokens) and a square token grid
+    (``output_shape="bnc"``), or to ``(N, D, gh, gw)`` maps (``"bchw"``). The result is
+    ``(B, prefix + gh*gw, D*len(scales))`` (prefix tokens averaged over each scale's crops) or
+    ``(B, D*len(scales), gh, gw)``.
 
-    ``model_fn`` maps ``(N, 3, h, w)`` crops to ``(N, tokens, C)`` with a square token grid
-    (``output_shape="bnc"``) or to ``(N, C, gh, gw)`` maps (``"bchw"``); the result has the
-    same layout, ``(B, gh*gw, C*len(scales))`` or ``(B, C*len(scales), gh, gw)``.
+    Crops are ordered split-major, batch-minor, as in s2wrapper. Crops of equal size (of all
+    scales) go through ``model`` as one batch; ``split_forward=True`` instead runs one call per
+    crop position, ``B`` crops at a time, to bound memory.
     """
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-    _check_images(x, "x")
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4 or 0 in input.shape:
+        raise ValueError(f"input must be a non-empty (B, C, H, W) tensor, got shape {tuple(input.shape)}")
     if output_shape not in ("bnc", "bchw"):
         raise ValueError(f"output_shape must be 'bnc' or 'bchw', got {output_shape!r}")
-    sizes = _s2_sizes(x, scales, img_sizes)
+    num_prefix_token = _int_arg("num_prefix_token", num_prefix_token)
+    if num_prefix_token < 0 or (output_shape == "bchw" and num_prefix_token):
+        raise ValueError(f"num_prefix_token must be >= 0, and 0 for output_shape='bchw', got {num_prefix_token}")
+    if not isinstance(split_forward, bool):
+        raise TypeError(f"split_forward must be True or False, got {split_forward!r}")
+    sizes = _s2_sizes(input, scales, img_sizes)
+    resize_output_to_idx = _int_arg("resize_output_to_idx", resize_output_to_idx)
     if not -len(sizes) <= resize_output_to_idx < len(sizes):
         raise ValueError(f"resize_output_to_idx={resize_output_to_idx} is out of range for {len(sizes)} scales")
+    if max_split_size is None:
+        if input.shape[-1] != input.shape[-2]:
+            raise ValueError(f"a {input.shape[-2]}x{input.shape[-1]} input needs max_split_size (the default is a square input's side)")
+        max_split_size = input.shape[-1]
     splits = s2_splits(sizes, max_split_size)
-    B = x.shape[0]
-    crops = [_tile(resize_bicubic(x, (s, s)), n, n).flatten(0, 1) for s, n in zip(sizes, splits)]
+    B = input.shape[0]
+    # (splits*B, C, h, w) per scale: crop position major, image minor.
+    crops = [_tile(resize_bicubic(input, (s, s)), n, n).transpose(0, 1).flatten(0, 1) for s, n in zip(sizes, splits)]
 
-    groups = group_by([tuple(c.shape[-2:]) for c in crops])
-    encoded: list[torch.Tensor | None] = [None] * len(crops)
-    for idx in groups.values():
-        out = model_fn(torch.cat([crops[i] for i in idx]))
+    if split_forward:
+        encoded = [torch.cat([_encode(model, c) for c in crop.split(B)]) for crop in crops]
+    else:
+        encoded = [None] * len(crops)
+        for idx in group_by([tuple(c.shape[-2:]) for c in crops]).values():
+            out = _encode(model, torch.cat([crops[i] for i in idx]))
+            for i, part in zip(idx, out.split([crops[i].shape[0] for i in idx])):
+                encoded[i] = part
+
+    prefixes, maps = [], []
+    for out, n in zip(encoded, splits):
         if output_shape == "bnc":
+            prefixes.append(out[:, :num_prefix_token].unflatten(0, (n * n, B)).mean(0))
+            out = out[:, num_prefix_token:]
             side = math.isqrt(out.shape[1])
-            if out.dim() != 3 or side * side != out.shape[1]:
-                raise ValueError(f"model_fn must return (N, tokens, C) with a square token grid, got {tuple(out.shape)}")
+            if side * side != out.shape[1] or side == 0:
+                raise ValueError(
+                    f"model must return (N, tokens, D) whose tokens after {num_prefix_token} prefix token(s) form a "
+                    f"square grid, got {tuple(out.shape)}"
+                )
             out = out.transpose(1, 2).unflatten(2, (side, side))
         elif out.dim() != 4:
-            raise ValueError(f"model_fn must return (N, C, h, w) for output_shape='bchw', got {tuple(out.shape)}")
-        for i, part in zip(idx, out.split([crops[i].shape[0] for i in idx])):
-            encoded[i] = part
+            raise ValueError(f"model must return (N, D, h, w) for output_shape='bchw', got {tuple(out.shape)}")
+        maps.append(_untile(out.unflatten(0, (n * n, B)).transpose(0, 1), n, n))
 
-    maps = [_untile(e.unflatten(0, (B, n * n)), n, n) for e, n in zip(encoded, splits)]
-    base = maps[resize_output_to_idx].shape[-2:]
-    pooled = [m if m.shape[-2:] == base else F.interpolate(m, size=base, mode="area") for m in maps]
+    side = maps[resize_output_to_idx].shape[-2]
+    pooled = [m if m.shape[-2:] == (side, side) else F.interpolate(m.float(), size=(side, side), mode="area").to(m.dtype) for m in maps]
     out = torch.cat(pooled, dim=1)
-    return out.flatten(2).transpose(1, 2) if output_shape == "bnc" else out
+    if output_shape == "bchw":
+        return out
+    out = out.flatten(2).transpose(1, 2)
+    return torch.cat([torch.cat(prefixes, dim=-1), out], dim=1) if num_prefix_token else out
+
+
+def _encode(model: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+    out = model(crops)
+    if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4) or out.shape[0] != crops.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model must return one feature tensor per crop ({crops.shape[0]} crops), got {shape}")
+    return out
 
 
 def s2_encode(
@@ -257,8 +321,10 @@ def s2_encode(
     3780 -> 1+4+16+100 = 121 crops of 729 tokens.
     """
     _check_encoder(encoder)
+    _check_images(images)
+    split = max_split_size if max_split_size is not None else min(scales)
     return s2_forward(lambda crops: dense_features(encoder, crops, layer), images, img_sizes=list(scales),
-                      max_split_size=max_split_size)
+                      max_split_size=split)
 
 
 # ----------------------------------------------------------------------------- LLaVA-UHD

@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from .baselines import (
     s2_encode,
     s2_geometry,
 )
+from .cli_common import ArgumentParser, UsageError, check_output_folder
 from .configuration_ps3 import PS3VisionConfig
 from .demo import demo_config, randomize_parameters_
 from .modeling_ps3 import PS3VisionModel
@@ -315,6 +317,7 @@ class Options:
     upstream_python: str | None
     upstream_timeout: float
     seed: int
+    upstream_pythonpath: str | None = None  # PYTHONPATH of the upstream worker (a --target folder)
 
 
 def _record(opts: Options, env: dict, method: str, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -329,10 +332,11 @@ def _record(opts: Options, env: dict, method: str, resolution: int, batch: int, 
 
 def run_method(
     rec: dict[str, Any], method: str, run_model: PS3VisionModel | None, meta_model: PS3VisionModel,
-    x: torch.Tensor | None, warmup: int, reps: int,
+    x: torch.Tensor | None, warmup: int, reps: int, latency: Callable[..., tuple[float, str]] = measure_latency,
 ) -> dict[str, Any]:
     """Fill ``rec`` for one of this project's methods: count on meta, then (if a model and
-    input are given) measure peak memory and latency. Errors are recorded, never raised."""
+    input are given) measure peak memory and latency (``latency(fn, x, warmup, reps)``, by
+    default :func:`measure_latency`). Errors are recorded, never raised."""
     R, B = rec["resolution"], rec["batch"]
     if method in PS3_LOOKS and R <= meta_model.vision_model.ps3_scales[0]:
         rec.update(status="skipped", error=f"PS3 needs a high-res scale above {R}; at {R} it is the plain ViT")
@@ -356,7 +360,7 @@ def run_method(
     try:
         with torch.inference_mode():
             rec["peak_mem_mb"], rec["peak_mem_kind"] = measure_peak_memory(fn, x)
-            rec["latency_ms"], rec["timer"] = measure_latency(fn, x, warmup, reps)
+            rec["latency_ms"], rec["timer"] = latency(fn, x, warmup, reps)
         rec.update(status="ok", latency_ms_per_image=rec["latency_ms"] / B,
                    tflops_per_s=rec["flops"] / (rec["latency_ms"] * 1e-3) / 1e12)
     except Exception as exc:  # noqa: BLE001
@@ -391,25 +395,33 @@ def run_upstream(
         "looks": [UPSTREAM_LOOKS[m] for m in methods], "device": preset.device,
         "dtype": str(preset.dtype).replace("torch.", ""), "warmup": opts.warmup, "reps": opts.reps, "seed": opts.seed,
     }
+    env = None
+    if opts.upstream_pythonpath:
+        env = {**os.environ, "PYTHONPATH": opts.upstream_pythonpath}
     with tempfile.TemporaryDirectory() as tmp:
         req_path, out_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req_path.write_text(json.dumps(request))
+        # The worker rewrites its result file after every entry: a timeout or crash keeps what was measured.
         try:
             proc = subprocess.run([opts.upstream_python, str(UPSTREAM_WORKER), str(req_path), str(out_path)],
-                                  capture_output=True, text=True, timeout=opts.upstream_timeout, cwd=tmp)
+                                  capture_output=True, text=True, timeout=opts.upstream_timeout, cwd=tmp, env=env)
+            missing = None
             if proc.returncode != 0 or not out_path.exists():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"upstream worker exited with {proc.returncode}: {tail[0]}")
-            reply = json.loads(out_path.read_text())
-        except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as exc:
-            for rec in records:
-                rec.update(status="failed", error=_error(exc))
-            return
+                missing = f"upstream worker exited with {proc.returncode}: {tail[0]}"
+        except subprocess.TimeoutExpired:
+            missing = f"upstream worker timed out after {opts.upstream_timeout:.0f} s"
+        except (OSError, subprocess.SubprocessError) as exc:
+            missing = _error(exc)
+        try:
+            reply = json.loads(out_path.read_text()) if out_path.exists() else {"results": []}
+        except ValueError as exc:
+            reply, missing = {"results": []}, _error(exc)
     by_key = {(r["batch"], str(r["looks"])): r for r in reply["results"]}
     for rec in records:
         res = by_key.get((rec["batch"], str(UPSTREAM_LOOKS[rec["method"]])))
         if res is None:
-            rec.update(status="failed", error="upstream worker returned no result")
+            rec.update(status="failed", error=missing or "upstream worker returned no result")
             continue
         rec.update({k: res.get(k) for k in ("status", "error", "tokens", "flops", "latency_ms", "peak_mem_mb", "peak_mem_kind", "timer")})
         rec["out_tokens"] = res.get("tokens")
@@ -435,7 +447,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
     """Measure every (resolution, batch, method) of ``opts``; records in that order."""
     preset = PRESETS[opts.preset]
     if not opts.count_only and preset.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset {opts.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
+        raise RuntimeError(f"preset {opts.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
     env = environment(preset.device if not opts.count_only else "cpu")
     ours = [m for m in opts.methods if m not in UPSTREAM_LOOKS]
     upstream = [m for m in opts.methods if m in UPSTREAM_LOOKS]
@@ -601,7 +613,7 @@ def _method_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
-    parser = argparse.ArgumentParser(prog="ps3-bench", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="ps3-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-smoke",
                         help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
@@ -629,13 +641,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     for name in ("warmup", "reps"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
+    if not args.upstream_timeout > 0:
+        parser.error(f"--upstream-timeout must be > 0 seconds, got {args.upstream_timeout}")
+    if args.upstream_python is not None and shutil.which(args.upstream_python) is None:
+        parser.error(f"--upstream-python {args.upstream_python} is not an executable (a path or a command on PATH)")
+    if not args.count_only and preset.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset} needs a CUDA GPU; add --count-only to count tokens and FLOPs without one")
+    out = args.out or Path("bench_results") / args.preset
+    try:
+        check_output_folder(out, "--out")
+    except UsageError as err:
+        parser.error(str(err))
     opts = Options(
         preset=args.preset, methods=args.methods, resolutions=resolutions, batches=args.batches or list(preset.batches),
         count_only=args.count_only, warmup=preset.warmup if args.warmup is None else args.warmup,
         reps=preset.reps if args.reps is None else args.reps, upstream_python=args.upstream_python,
         upstream_timeout=args.upstream_timeout, seed=args.seed,
     )
-    return opts, args.out or Path("bench_results") / args.preset
+    return opts, out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

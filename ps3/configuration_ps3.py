@@ -109,7 +109,12 @@ class PS3VisionConfig(PretrainedConfig):
         self.image_size = self.ps3_scales[-1]
 
     def trunk_spec(self) -> TrunkSpec:
-        """Resolve the trunk's shape from :data:`KNOWN_TRUNKS` or the explicit fields."""
+        """Resolve the trunk's shape from :data:`KNOWN_TRUNKS` or the explicit fields.
+
+        The position table's native size is ``img_size`` when set (as upstream passes it to
+        timm), else the known trunk's own, else the low-res scale. ``from_pretrained`` fills
+        ``img_size`` from the checkpoint's ``pos_embed`` when the config is silent.
+        """
         if self.radio:
             raise ValueError("config.radio=True (C-RADIO trunks) is not supported by this package")
         if self.class_token:
@@ -118,25 +123,45 @@ class PS3VisionConfig(PretrainedConfig):
             if getattr(self, name):
                 raise ValueError(f"config.{name}={getattr(self, name)} is not supported (stochastic depth / patch dropout)")
         if self.model_name in KNOWN_TRUNKS:
-            known = KNOWN_TRUNKS[self.model_name]
-            return TrunkSpec(width=self.hidden_size, **known)
-        missing = [f for f in _EXPLICIT_TRUNK_FIELDS if getattr(self, f, None) is None]
-        if missing:
-            raise ValueError(
-                f"config.model_name={self.model_name!r} is not a known trunk {sorted(KNOWN_TRUNKS)}; "
-                f"define it with the config fields {list(_EXPLICIT_TRUNK_FIELDS)} (missing: {missing})"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"config.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        img_size = self.img_size if self.img_size is not None else self.ps3_scales[0]
-        return TrunkSpec(
-            width=self.hidden_size,
-            depth=int(self.depth),
-            num_heads=int(self.num_heads),
-            mlp_ratio=float(self.mlp_ratio),
-            patch_size=int(self.patch_size),
-            img_size=int(img_size),
-        )
+            fields = dict(KNOWN_TRUNKS[self.model_name])
+        else:
+            missing = [f for f in _EXPLICIT_TRUNK_FIELDS if getattr(self, f, None) is None]
+            if missing:
+                raise ValueError(
+                    f"config.model_name={self.model_name!r} is not a known trunk {sorted(KNOWN_TRUNKS)}; "
+                    f"define it with the config fields {list(_EXPLICIT_TRUNK_FIELDS)} (missing: {missing})"
+                )
+            fields = {f: getattr(self, f) for f in _EXPLICIT_TRUNK_FIELDS}
+            fields["img_size"] = self.ps3_scales[0]
+        if self.img_size is not None:
+            fields["img_size"] = self.img_size
+        fields["width"] = self.hidden_size
+        for name in ("width", "depth", "num_heads", "patch_size", "img_size"):
+            value = fields[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                label = "hidden_size" if name == "width" else name
+                raise ValueError(f"config.{label} must be a positive int, got {value!r}")
+        ratio = fields["mlp_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+            raise ValueError(f"config.mlp_ratio must be a positive number, got {ratio!r}")
+        if fields["width"] % fields["num_heads"]:
+            raise ValueError(f"config.hidden_size={fields['width']} must be divisible by num_heads={fields['num_heads']}")
+        if fields["img_size"] < fields["patch_size"]:
+            raise ValueError(f"config.img_size={fields['img_size']} must be at least the patch size {fields['patch_size']}")
+        fields["mlp_ratio"] = float(ratio)
+        return TrunkSpec(**fields)
+
+    def adopt_pos_grid(self, grid: int) -> None:
+        """Take the trunk's position grid from a checkpoint when the config names no ``img_size``.
+
+        Upstream's timm trunk then has its model's default grid (224 px, 16x16, for a generic
+        ViT), which only the checkpoint's ``pos_embed`` shows. The grid is recorded as
+        ``img_size`` so that saving and upstream's loader keep it; an explicit ``img_size``
+        wins (a checkpoint that disagrees is then reported as mis-shaped).
+        """
+        spec = self.trunk_spec()
+        if self.img_size is None and spec.img_size // spec.patch_size != grid:
+            self.img_size = grid * spec.patch_size
 
 
 class PS3TextConfig(PretrainedConfig):

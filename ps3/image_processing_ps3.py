@@ -8,6 +8,7 @@ torchvision), so the outputs are identical.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,9 +27,12 @@ _DERIVED_KEYS = ("size", "crop_size", "image_mean", "image_std")
 def _per_channel(value, default, name: str) -> tuple[float, ...]:
     if value is None:
         return default
-    if isinstance(value, (int, float)):
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(value):
         return (float(value),) * 3
-    if isinstance(value, Sequence) and len(value) == 3:
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3 and all(map(number, value)):
         return tuple(float(v) for v in value)
     raise ValueError(f"{name} must be a number or 3 numbers, got {value!r}")
 
@@ -70,6 +74,10 @@ class PS3ImageProcessor(BaseImageProcessor):
         self.image_size = tuple(image_size)
         self.mean = _per_channel(mean, OPENAI_DATASET_MEAN, "mean")
         self.std = _per_channel(std, OPENAI_DATASET_STD, "std")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ValueError(f"mean must be finite, got {self.mean}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError(f"std must be positive and finite (it divides the pixels), got {self.std}")
         self.resize_mode = resize_mode or "squash"
         if self.resize_mode != "squash":
             raise ValueError(f"resize_mode must be 'squash', got {self.resize_mode!r}")
@@ -86,11 +94,24 @@ class PS3ImageProcessor(BaseImageProcessor):
     def _pil_filter(self) -> Image.Resampling:
         return Image.Resampling.BILINEAR if self.interpolation == "bilinear" else Image.Resampling.BICUBIC
 
-    def _resize_pil(self, image: Image.Image) -> torch.Tensor:
-        height, width = self.image_size
+    def resize_to_uint8(self, image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The processor's pixels before scaling: ``image`` resized (in its own mode, with the
+        processor's filter) to ``size`` (height, width; default ``image_size``), then RGB, as a
+        ``(3, H, W)`` uint8 tensor. Loaders that resize each image to its own size (aspect kept)
+        decode with this and finish with :meth:`normalize_uint8`, a quarter of the bytes in transit."""
+        height, width = size or self.image_size
         image = image.resize((width, height), self._pil_filter).convert("RGB")
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(..., 3, H, W)`` uint8 RGB -> normalised float32 on ``pixels``' device, exactly what
+        :meth:`preprocess` computes for a PIL image."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        return (pixels.float().div(255) - mean) / std
+
+    def _resize_pil(self, image: Image.Image) -> torch.Tensor:
+        return self.resize_to_uint8(image).float().div(255)
 
     def _resize_float(self, image: torch.Tensor) -> torch.Tensor:
         mode = "bilinear" if self.interpolation == "bilinear" else "bicubic"
@@ -101,11 +122,15 @@ class PS3ImageProcessor(BaseImageProcessor):
 
     def _to_tensor(self, image) -> torch.Tensor:
         if isinstance(image, Image.Image):
+            if image.width < 1 or image.height < 1:
+                raise ValueError(f"image is {image.width}x{image.height} pixels; it needs at least one pixel")
             return self._resize_pil(image)
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be a PIL.Image, a torch.Tensor (C, H, W) or a list of them, got {type(image).__name__}")
-        if image.dim() != 3 or image.shape[0] not in (1, 3, 4) or image.shape[1] < 1 or image.shape[2] < 1:
+        if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
             raise ValueError(f"image tensors must be (C, H, W) with C in (1, 3, 4), got shape {tuple(image.shape)}")
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"image is {image.shape[2]}x{image.shape[1]} pixels; it needs at least one pixel")
         image = image.detach().cpu()
         if image.dtype == torch.uint8:
             channels = image.permute(1, 2, 0).numpy()

@@ -9,6 +9,7 @@ their selection counts differ) and concatenates the cache onto K/V in every laye
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +22,13 @@ from transformers.modeling_outputs import BaseModelOutputWithNoAttention
 from ps3_kernels import assign_looks, selection_probs, sparse_patch_embed
 from ps3_kernels.patch_embed import PatchTokens
 
+from .checkpoint import WEIGHTS_NAME, check_model_type, pos_embed_grid, read_config, weight_shapes
 from .configuration_ps3 import PS3Config, PS3TextConfig, PS3VisionConfig
 from .convnext import ShallowConvNet
 from .packing import group_by, host_tensor, resize_bicubic
 from .selection_plan import default_quotas, plan_looks
 from .text_transformer import TextTransformer
-from .validation import LookArgs, check_images, check_look_args
+from .validation import LookArgs, check_flag, check_images, check_look_args
 from .vit import Mlp, PackedSequences, VisionTrunk
 
 HIGHRES_SELECTION_SIZE = 1512  # upstream scores saliency on a fixed 1512x1512 view
@@ -34,8 +36,10 @@ HIGHRES_SELECTION_SIZE = 1512  # upstream scores saliency on a fixed 1512x1512 v
 
 @dataclass
 class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
-    """Upstream's output fields. For a list input, each field is a list with one entry per
-    image, equal to that field of the image encoded alone (batch dimension 1)."""
+    """Upstream's output fields, plus ``look_maps`` (only with ``output_look_maps=True``):
+    per high-res scale, ``(B, h, w)`` int64, the look that selected each patch (-1 where none
+    did); ``selection_maps`` is its union. For a list input, each field is a list with one
+    entry per image, equal to that field of the image encoded alone (batch dimension 1)."""
 
     last_hidden_state: Any = None
     hidden_states: Any = None
@@ -44,6 +48,7 @@ class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
     selection_probs: Any = None
     bottomup_selection_probs: Any = None
     topdown_selection_probs: Any = None
+    look_maps: Any = None
 
 
 class PS3VisionEncoder(nn.Module):
@@ -142,6 +147,12 @@ class PS3VisionEncoder(nn.Module):
         grid = self.trunk.grid_size
         if size == (grid, grid):
             return pos[0]
+        if not self.config.dynamic_img_size:
+            raise ValueError(
+                f"config.dynamic_img_size is off, so the trunk's position embedding only fits its {grid}x{grid} grid "
+                f"(img_size {self.spec.img_size}), but this input needs {size[0]}x{size[1]}; upstream's timm trunk "
+                "refuses such inputs too. Set dynamic_img_size=True to resample it."
+            )
         # Not cached under torch.compile (the graph computes it once) or while it needs gradients.
         cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and pos.requires_grad)
         key = (size, pos.data_ptr(), pos._version, pos.dtype, pos.device) if cacheable else None
@@ -280,7 +291,8 @@ class PS3VisionEncoder(nn.Module):
             flat = torch.full((B, n_max[s]), float("-inf"), device=device, dtype=probs[s][0].dtype)
             for idx in group_by([probs[s][b].numel() for b in range(B)]).values():
                 rows = host_tensor(idx, device)
-                flat[rows, : probs[s][idx[0]].numel()] = torch.stack([probs[s][b] for b in idx]).flatten(1)
+                # Equal counts, not equal shapes: a portrait and a landscape grid may share a count.
+                flat[rows, : probs[s][idx[0]].numel()] = torch.stack([probs[s][b].flatten() for b in idx])
             quotas = [[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans]
             look_maps.append(assign_looks(flat, host_tensor(quotas, device, torch.long)))
 
@@ -338,12 +350,22 @@ class PS3VisionEncoder(nn.Module):
 
     def format_features_into_feature_maps(self, features: torch.Tensor, selection_maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scatter ``(B, N, C)`` features (low-res first) into zero-filled ``(B, C, h, w)`` maps per scale."""
+        if not isinstance(features, torch.Tensor) or features.dim() != 3:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a (B, N, C) tensor, got {shape}")
         B, N, C = features.shape
+        num_high = len(self.ps3_scales) - 1
+        if not isinstance(selection_maps, (list, tuple)) or len(selection_maps) != num_high:
+            raise ValueError(f"selection_maps must be a list of {num_high} (B, h, w) tensors, one per high-res scale")
+        for i, m in enumerate(selection_maps):
+            if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != B:
+                shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"selection_maps[{i}] must be a (B={B}, h, w) tensor like features' batch, got {shape}")
+            if m.device != features.device:
+                raise ValueError(f"selection_maps[{i}] is on {m.device} but features are on {features.device}")
         g = int(round(self.low_res_token_num**0.5))
         masks = [torch.ones(B, g, g, device=features.device, dtype=torch.bool)] + [m.bool() for m in selection_maps]
         flat = torch.cat([m.flatten(1) for m in masks], dim=1)
-        if flat.shape[0] != B:
-            raise ValueError(f"selection_maps have batch {flat.shape[0]}, features have {B}")
         counts = flat.sum(1)
         if not torch.all(counts == N):
             raise ValueError(f"features has {N} tokens per image but the selection maps select {counts.tolist()}")
@@ -368,8 +390,11 @@ class PS3VisionEncoder(nn.Module):
         num_token_look_close=None,
         smooth_selection_prob: bool = False,
         only_select_first_n_scale=None,
+        output_look_maps: bool = False,
     ) -> PS3VisionModelOutput:
         images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
+        if not isinstance(output_look_maps, bool):
+            raise TypeError(f"output_look_maps must be a bool, got {type(output_look_maps).__name__}")
         weight = self.trunk.pos_embed
         if images[0].dtype != weight.dtype or images[0].device != weight.device:
             raise TypeError(
@@ -380,6 +405,7 @@ class PS3VisionEncoder(nn.Module):
             images, batched, self.width, len(self.ps3_scales) - 1, prompt, gt_selection_maps, is_global_text,
             output_hidden_states, pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
         )
+        smooth_selection_prob = check_flag("smooth_selection_prob", smooth_selection_prob)
         B = len(images)
         no_look = output_hidden_states and (num_look_close == 0 or num_token_look_close == 0)
         low_hidden, cache = self._low_res(images, return_kv=not no_look)
@@ -401,16 +427,17 @@ class PS3VisionEncoder(nn.Module):
         counts = [sum(sum(look) for look in plans[b]) for b in range(B)]
         selected = [(m >= 0).to(probs[s][0].dtype) for s, m in enumerate(look_maps)]  # one op per scale, not per image
         maps = [[selected[s][b, : h * w].view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)]
+        looks = [[look_maps[s][b, : h * w].view(h, w) for s, (h, w) in enumerate(grids[b])] for b in range(B)] if output_look_maps else None
 
         if output_hidden_states:
             low_keep = low_hidden[len(low_hidden) - keep :]
             layers = [self._join(lo, hi[order], counts, batched) for lo, hi in zip(low_keep, high.hidden_states)]
-            return self._finish(batched, layers, None, maps, probs, prior, posterior)
+            return self._finish(batched, layers, None, maps, probs, prior, posterior, looks)
 
         pooled = self._pooled(high.hidden_states[-1][order], tokens, order, counts, grids, scale_off, stride, args, pool_gt_token_only)
         if args.is_global_text is not None:
             pooled = torch.where(args.is_global_text, self._pool(low_hidden[-1]), pooled)
-        return self._finish(batched, None, pooled if batched else list(pooled.split(1)), maps, probs, prior, posterior)
+        return self._finish(batched, None, pooled if batched else list(pooled.split(1)), maps, probs, prior, posterior, looks)
 
     @staticmethod
     def _join(low: torch.Tensor, high: torch.Tensor, counts: list[int], batched: bool):
@@ -469,11 +496,12 @@ class PS3VisionEncoder(nn.Module):
         return self._pool(padded, mask)
 
     @staticmethod
-    def _finish(batched, layers, pooled, maps, probs, bottomup, topdown) -> PS3VisionModelOutput:
+    def _finish(batched, layers, pooled, maps, probs, bottomup, topdown, looks=None) -> PS3VisionModelOutput:
         """Upstream's batched layout for a tensor input; per-image lists for a list input.
 
         ``layers`` (kept hidden layers) and ``pooled`` come already in that layout; ``maps``
-        (``[image][scale]``) and the probabilities (``[scale][image]``) are small per-image maps.
+        and ``looks`` (``[image][scale]``) and the probabilities (``[scale][image]``) are small
+        per-image maps.
         """
         B = len(probs[0])
         if batched:
@@ -488,6 +516,7 @@ class PS3VisionEncoder(nn.Module):
                 selection_probs=scales(probs),
                 bottomup_selection_probs=scales(bottomup),
                 topdown_selection_probs=scales(topdown),
+                look_maps=None if looks is None else [torch.stack(s) for s in zip(*looks)],
             )
 
         def per_image(p):
@@ -501,7 +530,16 @@ class PS3VisionEncoder(nn.Module):
             selection_probs=per_image(probs),
             bottomup_selection_probs=per_image(bottomup),
             topdown_selection_probs=per_image(topdown),
+            look_maps=None if looks is None else [[m[None] for m in per] for per in looks],
         )
+
+
+def _describe_key(entry) -> str:
+    """A loading-info entry as text; mismatches come as ``(name, checkpoint shape, model shape)``."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, stored, wanted = entry
+        return f"{name}: checkpoint {tuple(stored)} vs model {tuple(wanted)}"
+    return str(entry)
 
 
 class PS3PreTrainedModel(PreTrainedModel):
@@ -512,20 +550,50 @@ class PS3PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PS3VisionEncoder"]
 
+    # model_type values in config.json this class loads (a combined "ps3" holds both towers).
+    _checkpoint_model_types: tuple[str, ...] = ("ps3",)
+    _has_vision_trunk = False
+
     def _init_weights(self, module: nn.Module) -> None:
         """Modules initialise themselves; checkpoints overwrite everything."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, strict: a missing ``config.json``, another model_type, an
+        unreadable weights file (``OSError`` naming it) and missing, unexpected or mis-shaped
+        weights (``ValueError`` listing them) are errors. A trunk position grid that the config
+        leaves open is read from the checkpoint's ``pos_embed``."""
         wants_info = kwargs.pop("output_loading_info", False)
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        path = pretrained_model_name_or_path
+        if path is not None:  # None: transformers loads a given state_dict
+            path = os.fspath(path)
+            if os.path.isfile(path):
+                raise OSError(f"{path} is a file; from_pretrained takes a checkpoint folder (config.json + {WEIGHTS_NAME})")
+            if kwargs.get("config") is None:
+                config = read_config(path, kwargs)
+                if config is not None:
+                    check_model_type(config, cls._checkpoint_model_types, cls.__name__, path)
+        shapes = weight_shapes(path, kwargs) if path is not None else None
+        if cls._has_vision_trunk and shapes is not None:
+            grid = pos_embed_grid(shapes, path)
+            if grid is not None:
+                kwargs["trunk_pos_grid"] = grid
+        kwargs["ignore_mismatched_sizes"] = True  # reported below as a ValueError listing them
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(map(_describe_key, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
-            raise ValueError(f"checkpoint {pretrained_model_name_or_path!r} does not match {cls.__name__}: {problems}")
+            raise ValueError(f"checkpoint {path!r} does not match {cls.__name__}: {problems}")
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' writer; a path that exists and is not a folder is an error (transformers
+        only logs it and writes nothing)."""
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise NotADirectoryError(f"save_directory {os.fspath(save_directory)!r} exists and is not a folder")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         """transformers' hook behind ``gradient_checkpointing_enable``: checkpoint each block
@@ -540,9 +608,14 @@ class PS3VisionModel(PS3PreTrainedModel):
     main_input_name = "pixel_values"
     # Released checkpoints hold both towers (PS3Model); the vision model skips the text one.
     _keys_to_ignore_on_load_unexpected = [r"^text_model\."]
+    _checkpoint_model_types = ("ps3_vision_model", "ps3")
+    _has_vision_trunk = True
 
-    def __init__(self, config: PS3VisionConfig):
+    def __init__(self, config: PS3VisionConfig, trunk_pos_grid: int | None = None):
+        """``trunk_pos_grid``: the checkpoint's position grid, set by ``from_pretrained``."""
         super().__init__(config)
+        if trunk_pos_grid is not None:
+            config.adopt_pos_grid(trunk_pos_grid)
         self.vision_model = PS3VisionEncoder(config)
         self.post_init()
 
@@ -558,18 +631,21 @@ class PS3VisionModel(PS3PreTrainedModel):
         is_global_text=None,
         pool_gt_token_only=False,
         output_hidden_states=True,
+        output_look_maps=False,
     ) -> PS3VisionModelOutput:
         """Encode images: the low-res view, then ``num_look_close`` high-res looks.
 
         ``pixel_values`` is ``(B, 3, H, W)`` or a list of ``(3, H, W)`` images of any sizes
         (encoded as one packed batch; outputs are then per-image lists). See the README for
-        every argument; they mean what they mean upstream.
+        every argument; they mean what they mean upstream. ``output_look_maps`` (not
+        upstream's) also returns which look selected each patch.
         """
         return self.vision_model(
             pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps, is_global_text=is_global_text,
             output_hidden_states=output_hidden_states, pool_gt_token_only=pool_gt_token_only,
             num_look_close=num_look_close, num_token_look_close=num_token_look_close,
             smooth_selection_prob=smooth_selection_prob, only_select_first_n_scale=only_select_first_n_scale,
+            output_look_maps=output_look_maps,
         )
 
 
@@ -577,6 +653,7 @@ class PS3TextModel(PS3PreTrainedModel):
     config_class = PS3TextConfig
     main_input_name = "text"
     _keys_to_ignore_on_load_unexpected = [r"^vision_model\."]
+    _checkpoint_model_types = ("ps3_text_model", "ps3")
 
     def __init__(self, config: PS3TextConfig):
         super().__init__(config)
@@ -590,11 +667,14 @@ class PS3TextModel(PS3PreTrainedModel):
 class PS3Model(PS3PreTrainedModel):
     config_class = PS3Config
     main_input_name = "pixel_values"
+    _has_vision_trunk = True
 
-    def __init__(self, config: PS3Config):
+    def __init__(self, config: PS3Config, trunk_pos_grid: int | None = None):
         super().__init__(config)
         if not isinstance(config.text_config, PS3TextConfig) or not isinstance(config.vision_config, PS3VisionConfig):
             raise TypeError("PS3Config needs a PS3TextConfig text_config and a PS3VisionConfig vision_config")
+        if trunk_pos_grid is not None:
+            config.vision_config.adopt_pos_grid(trunk_pos_grid)
         self.text_model = TextTransformer(config.text_config)
         self.vision_model = PS3VisionEncoder(config.vision_config)
         self.post_init()

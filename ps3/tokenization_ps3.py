@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import html
 import json
+import operator
 import os
 import string
 import warnings
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 DEFAULT_CONTEXT_LENGTH = 77  # OpenAI CLIP's
@@ -52,17 +54,30 @@ CLEAN_FUNCTIONS = {
 }
 
 
+def _check_context_length(value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"context_length must be an int, got {value!r}")
+    try:
+        value = operator.index(value)  # ints and numpy ints; not floats or strings
+    except TypeError:
+        raise TypeError(f"context_length must be an int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"context_length must be >= 1, got {value}")
+    return value
+
+
 class PS3Tokenizer:
     """Texts -> ``LongTensor (N, context_length)`` of token ids, padded/truncated to length.
 
     ``tokenizer_name`` is anything ``AutoTokenizer.from_pretrained`` accepts (a hub id or a
-    local folder). Extra keyword arguments are kept only so ``save_pretrained`` writes them
-    back, as upstream does.
+    local folder), or a ready Hugging Face tokenizer object (one built in memory, so nothing
+    is read or downloaded; such a tokenizer has no name to ``save_pretrained``). Extra
+    keyword arguments are kept only so ``save_pretrained`` writes them back, as upstream does.
     """
 
     def __init__(
         self,
-        tokenizer_name: str,
+        tokenizer_name: str | os.PathLike | PreTrainedTokenizerBase,
         context_length: int | None = DEFAULT_CONTEXT_LENGTH,
         clean: str = "whitespace",
         strip_sep_token: bool = False,
@@ -73,15 +88,20 @@ class PS3Tokenizer:
 
         if clean not in CLEAN_FUNCTIONS:
             raise ValueError(f"clean must be one of {sorted(CLEAN_FUNCTIONS)}, got {clean!r}")
+        named = isinstance(tokenizer_name, (str, os.PathLike))
+        if not named and not isinstance(tokenizer_name, PreTrainedTokenizerBase):
+            raise TypeError(f"tokenizer_name must be a name, a folder or a Hugging Face tokenizer, got {type(tokenizer_name).__name__}")
+        if context_length is not None:
+            _check_context_length(context_length)
         self.init_kwargs = dict(
-            tokenizer_name=tokenizer_name,
+            tokenizer_name=os.fspath(tokenizer_name) if named else tokenizer_name,
             context_length=context_length,
             clean=clean,
             strip_sep_token=strip_sep_token,
             language=language,
             **kwargs,
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name) if named else tokenizer_name
         self.context_length = context_length
         self.clean = clean
         self.clean_fn = CLEAN_FUNCTIONS[clean]
@@ -111,6 +131,8 @@ class PS3Tokenizer:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
         """Write the constructor arguments to ``tokenizer_config.json`` (upstream's format)."""
+        if not isinstance(self.init_kwargs["tokenizer_name"], str):
+            raise ValueError("this PS3Tokenizer wraps a tokenizer object, not a named one; it has no tokenizer_name to save")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, TOKENIZER_CONFIG_NAME)
         with open(path, "w", encoding="utf-8") as f:
@@ -130,9 +152,13 @@ class PS3Tokenizer:
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a string or a list of strings")
-        context_length = context_length or self.context_length
-        if not context_length or context_length < 1:
+        if not texts:
+            raise ValueError("texts is an empty list; give at least one string")
+        if context_length is None or (type(context_length) is int and context_length == 0):  # upstream's `or`
+            context_length = self.context_length
+        if context_length is None:
             raise ValueError("context_length must be a positive int, set at construction or per call")
+        context_length = _check_context_length(context_length)
         input_ids = self.tokenizer(
             [self.clean_fn(t) for t in texts],
             return_tensors="pt",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -84,15 +85,32 @@ def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
     raise ValueError(f"gt_selection_maps must be a (B={batch}, H, W) tensor or a list of {batch} (H, W) tensors")
 
 
+def check_flag(name: str, value) -> bool:
+    """Switches take bools only: ``0.5`` or ``'false'`` would otherwise silently mean True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the images are on {device}; move it with .to({str(device)!r})")
+
+
 def check_look_args(
     images, batched, width, num_high, prompt, gt_selection_maps, is_global_text, output_hidden_states,
     pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
 ) -> LookArgs:
-    batch = len(images)
+    batch, device = len(images), images[0].device
+    output_hidden_states = check_flag("output_hidden_states", output_hidden_states)
+    pool_gt_token_only = check_flag("pool_gt_token_only", pool_gt_token_only)
     if prompt is not None:
         if not isinstance(prompt, torch.Tensor) or prompt.shape != (batch, width):
             shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
             raise ValueError(f"prompt must be a (B={batch}, {width}) tensor, got {shape}")
+        if not prompt.is_floating_point():
+            raise TypeError(f"prompt must be a floating-point embedding, got {prompt.dtype}")
+        _check_device("prompt", prompt, device)
         prompt = prompt.to(images[0].dtype)
     num_look_close = _check_look_count("num_look_close", num_look_close, False, batch)
     num_token_look_close = _check_look_count("num_token_look_close", num_token_look_close, True, batch)
@@ -115,10 +133,20 @@ def check_look_args(
     elif num_look_close is not None or num_token_look_close is not None or first_n is not None:
         raise ValueError("output_hidden_states=False (pre-training mode) takes no num_look_close, num_token_look_close or only_select_first_n_scale")
     gt_maps = _check_gt_maps(gt_selection_maps, batch) if gt_selection_maps is not None else None
+    for i, gt in enumerate(gt_maps or []):
+        _check_device("gt_selection_maps", gt, device)
+        if gt.numel() == 0:
+            raise ValueError(f"gt_selection_maps[{i}] is empty ({tuple(gt.shape)}); give at least a 1x1 map")
+        if gt.is_complex():
+            raise TypeError(f"gt_selection_maps must be real (bool, integer or float), got {gt.dtype}")
     if pool_gt_token_only and (gt_maps is None or output_hidden_states):
         raise ValueError("pool_gt_token_only needs gt_selection_maps and output_hidden_states=False")
     if is_global_text is not None:
+        # Upstream takes a BoolTensor (B, 1) and mixes the two pooled outputs with it.
         if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != batch:
-            raise ValueError(f"is_global_text must be a tensor with one entry per image ({batch})")
-        is_global_text = is_global_text.reshape(batch, 1).bool()
+            raise ValueError(f"is_global_text must be a bool tensor with one entry per image ({batch}), got {is_global_text!r}")
+        if is_global_text.dtype != torch.bool:
+            raise TypeError(f"is_global_text must be a bool tensor, got {is_global_text.dtype} (use .bool() on a 0/1 mask)")
+        _check_device("is_global_text", is_global_text, device)
+        is_global_text = is_global_text.reshape(batch, 1)
     return LookArgs(prompt, gt_maps, is_global_text, num_look_close, num_token_look_close, first_n)

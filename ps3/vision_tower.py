@@ -155,7 +155,7 @@ class PS3VisionTower(nn.Module):
         """Recompute trunk blocks in backward (VILA's ``ps3_grad_checkpointing``)."""
         self._grad_checkpointing = bool(enable)
         if self.is_loaded:
-            self.vision_tower.vision_model.trunk.grad_checkpointing = self._grad_checkpointing
+            self.vision_tower.vision_model.trunk.set_grad_checkpointing(self._grad_checkpointing)
 
     # ----- forward -----
 

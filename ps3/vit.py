@@ -116,6 +116,11 @@ class VisionTrunk(nn.Module):
         self.attn_pool = AttentionPoolLatent(spec)
         self.grad_checkpointing = False
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch (VILA calls it for ``ps3_grad_checkpointing``): recompute each block
+        in backward instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
     def forward(
         self,
         x: torch.Tensor,
@@ -130,7 +135,7 @@ class VisionTrunk(nn.Module):
         hidden, kv_cache = [], []
         for i, blk in enumerate(self.blocks):
             layer_prefix = prefix[i] if prefix is not None else None
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x, kv = torch.utils.checkpoint.checkpoint(blk, x, seqs, layer_prefix, use_reentrant=False)
             else:
                 x, kv = blk(x, seqs, layer_prefix)

@@ -153,9 +153,10 @@ def grad_reasons(support: TritonSupport, tensors: dict[str, torch.Tensor | None]
 def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
     if not triton_available():
         return ["triton is not installed"]
-    devices = {t.device.type for t in tensors if t is not None}
-    if "cuda" not in devices and not triton_interpreted():
-        return [f"the tensors are on {'/'.join(sorted(devices)) or 'no device'}; the kernels need CUDA tensors "
+    tensors = [t for t in tensors if t is not None]
+    if not any(t.is_cuda for t in tensors) and not triton_interpreted():
+        devices = "/".join(sorted({t.device.type for t in tensors})) or "no device"
+        return [f"the tensors are on {devices}; the kernels need CUDA tensors "
                 "(or TRITON_INTERPRET=1, set before importing triton, for CPU tensors)"]
     return []
 

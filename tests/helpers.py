@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -19,6 +21,25 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@contextlib.contextmanager
+def poisoned_empty() -> Iterator[None]:
+    """Make every ``torch.empty`` NaN (floats) or -7 (ints), so an unwritten output element shows.
+
+    Used by the ``poisoned`` fixture and by ``benchmarks/gpu_suite.py``'s correctness stage.
+    """
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
 
 
 def load_case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:

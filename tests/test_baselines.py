@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,7 +121,7 @@ def test_s2_equals_naive_crop_loop(tiny):
         torch.testing.assert_close(out[b], expected)
     # s2wrapper-style call: scales multiply the input side; feature maps in, maps out
     as_maps = s2_forward(lambda c: dense_features(tiny, c).transpose(1, 2).unflatten(2, (t, t)), x,
-                         scales=[0.5, 1, 2], output_shape="bchw")
+                         scales=[0.5, 1, 2], max_split_size=56, output_shape="bchw")
     torch.testing.assert_close(as_maps.flatten(2).transpose(1, 2), out)
 
 
@@ -134,6 +138,156 @@ def test_s2_forward_batches_equal_crops_once(tiny):
     calls.clear()
     s2_forward(model_fn, torch.randn(1, 3, 56, 56), img_sizes=[56, 112], max_split_size=112)
     assert sorted(calls) == [1, 1]  # 56-px and 112-px crops are different shapes
+
+
+# ---------------------------------------------------------------- s2wrapper drop-in
+
+
+class CropEncoder(torch.nn.Module):
+    """A per-crop encoder whose features depend on the whole crop (like a ViT's): patch conv,
+    then each token mixed with the crop's mean token; optionally a class token in front
+    (``"bnc"``) or a feature map (``"bchw"``)."""
+
+    def __init__(self, in_channels=3, dim=6, patch=8, class_token=False, layout="bnc"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(in_channels * 10 + dim)
+        self.weight = torch.nn.Parameter(torch.randn(dim, in_channels, patch, patch, generator=gen) / patch)
+        self.mix = torch.nn.Parameter(torch.randn(dim, dim, generator=gen) / dim**0.5)
+        self.patch, self.class_token, self.layout = patch, class_token, layout
+
+    def forward(self, crops):
+        maps = F.conv2d(crops, self.weight, stride=self.patch)
+        tokens = maps.flatten(2).transpose(1, 2)
+        tokens = tokens + torch.tanh(tokens.mean(1, keepdim=True) @ self.mix)
+        if self.layout == "bchw":
+            return tokens.transpose(1, 2).reshape(maps.shape)
+        if self.class_token:
+            tokens = torch.cat([tokens.square().mean(1, keepdim=True), tokens], dim=1)
+        return tokens
+
+
+def s2wrapper_reference(model, x, sizes, split, out_idx=0, prefix=0, layout="bnc"):
+    """s2wrapper's math spelled out: per scale resize (bicubic, fp32), encode every crop
+    position for the whole batch, place the crops' features on the scale's grid, area-resize
+    to the grid of scale ``out_idx``, concatenate channels; prefix tokens are averaged over a
+    scale's crops and put in front."""
+    B = x.shape[0]
+    grids, prefixes = [], []
+    for size in sizes:
+        n = math.ceil(size / split)
+        c = size // n
+        img = F.interpolate(x.float(), size=(size, size), mode="bicubic").to(x.dtype)
+        rows, prefix_sum = [], 0
+        for i in range(n):
+            row = []
+            for j in range(n):
+                out = model(img[:, :, i * c : (i + 1) * c, j * c : (j + 1) * c])
+                if layout == "bnc":
+                    prefix_sum = prefix_sum + out[:, :prefix]
+                    tokens = out[:, prefix:]
+                    g = math.isqrt(tokens.shape[1])
+                    out = tokens.transpose(1, 2).reshape(B, -1, g, g)
+                row.append(out)
+            rows.append(torch.cat(row, dim=3))
+        grids.append(torch.cat(rows, dim=2))
+        prefixes.append(prefix_sum / (n * n))
+    side = grids[out_idx].shape[-1]
+    merged = torch.cat([F.interpolate(g.float(), size=(side, side), mode="area").to(g.dtype) for g in grids], dim=1)
+    if layout == "bchw":
+        return merged
+    merged = merged.flatten(2).transpose(1, 2)
+    return torch.cat([torch.cat(prefixes, dim=-1), merged], dim=1) if prefix else merged
+
+
+S2_SETTINGS = [  # input side, s2_forward kwargs, the pixel sizes and split they mean
+    (32, dict(scales=[1]), [32], 32),
+    (32, dict(scales=[1, 2]), [32, 64], 32),
+    (64, dict(scales=[0.5, 1, 2]), [32, 64, 128], 64),
+    (32, dict(scales=[1, 2, 3], resize_output_to_idx=-1), [32, 64, 96], 32),
+    (32, dict(scales=[1, 2], max_split_size=16), [32, 64], 16),
+    (40, dict(img_sizes=[16, 48, 64], max_split_size=32, resize_output_to_idx=1), [16, 48, 64], 32),
+]
+
+
+@pytest.mark.parametrize("side, kwargs, sizes, split", S2_SETTINGS)
+def test_s2_forward_is_s2wrappers_math(side, kwargs, sizes, split):
+    for (layout, prefix), batch, split_forward in itertools.product(
+        [("bnc", 0), ("bnc", 1), ("bchw", 0)], [1, 3], [False, True]
+    ):
+        model = CropEncoder(class_token=prefix > 0, layout=layout)
+        x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            got = s2_forward(model, x, **kwargs, num_prefix_token=prefix, output_shape=layout, split_forward=split_forward)
+            ref = s2wrapper_reference(model, x, sizes, split, kwargs.get("resize_output_to_idx", 0), prefix, layout)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"{layout} prefix={prefix} B={batch} split_forward={split_forward}")
+
+
+def test_s2_forward_signature_is_s2wrappers():
+    import inspect
+
+    params = inspect.signature(s2_forward).parameters
+    expected = [("model", inspect.Parameter.empty), ("input", inspect.Parameter.empty), ("scales", None),
+                ("img_sizes", None), ("max_split_size", None), ("resize_output_to_idx", 0), ("num_prefix_token", 0),
+                ("output_shape", "bnc"), ("split_forward", False)]
+    assert [(name, p.default) for name, p in params.items()] == expected
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params.values())
+
+
+@torch.no_grad()
+def test_s2_forward_defaults_and_argument_forms():
+    model = CropEncoder()
+    x = torch.randn(2, 3, 64, 64)
+    # max_split_size defaults to the input's own side (not the smallest scale)
+    default = s2_forward(model, x, [0.5, 1, 2])  # positional, as s2wrapper is called
+    torch.testing.assert_close(default, s2wrapper_reference(model, x, [32, 64, 128], 64))
+    assert not torch.allclose(default, s2wrapper_reference(model, x, [32, 64, 128], 32))
+    # img_sizes wins when both are given; numpy integers are sizes
+    torch.testing.assert_close(s2_forward(model, x, scales=[1, 2], img_sizes=[32, 96]), s2_forward(model, x, img_sizes=[32, 96]))
+    np_sizes = s2_forward(model, x, img_sizes=np.array([32, 64]), max_split_size=np.int64(32), resize_output_to_idx=np.int64(0))
+    torch.testing.assert_close(np_sizes, s2_forward(model, x, img_sizes=[32, 64], max_split_size=32))
+    torch.testing.assert_close(s2_forward(model, x, scales=np.array([0.5, 1.0])), s2_forward(model, x, img_sizes=[32, 64]))
+    # any channel count
+    for channels in (1, 4):
+        other = CropEncoder(in_channels=channels)
+        y = torch.randn(2, channels, 32, 32)
+        torch.testing.assert_close(s2_forward(other, y, [1, 2]), s2wrapper_reference(other, y, [32, 64], 32))
+
+
+def test_s2_forward_split_forward_bounds_each_call():
+    calls = []
+
+    def model(crops):
+        calls.append(crops.shape[0])
+        return CropEncoder()(crops)
+
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        grouped = s2_forward(model, x, [1, 2, 3])
+        assert calls == [3 * (1 + 4 + 9)]  # equal-size crops of every scale in one call
+        calls.clear()
+        split = s2_forward(model, x, [1, 2, 3], split_forward=True)
+    assert calls == [3] * (1 + 4 + 9)  # one crop position of the batch per call
+    torch.testing.assert_close(split, grouped)
+
+
+def test_s2_forward_bad_arguments():
+    model, x = CropEncoder(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="scales .* or img_sizes"):
+        s2_forward(model, x)
+    with pytest.raises(ValueError, match="num_prefix_token"):
+        s2_forward(model, x, [1], num_prefix_token=1, output_shape="bchw")
+    with pytest.raises(ValueError, match="needs max_split_size"):
+        s2_forward(model, torch.randn(1, 3, 32, 48), img_sizes=[32, 64])
+    with pytest.raises(TypeError, match="img_sizes must be an int"):
+        s2_forward(model, x, img_sizes=[32.5])
+    with pytest.raises(ValueError, match="resize_output_to_idx"):
+        s2_forward(model, x, [1, 2], resize_output_to_idx=2)
+    with pytest.raises(TypeError, match="split_forward"):
+        s2_forward(model, x, [1], split_forward="yes")
+    with pytest.raises(ValueError, match="equal crops"):
+        s2_forward(model, x, img_sizes=[32, 63], max_split_size=32)
+    with pytest.raises(ValueError, match="square grid"):
+        s2_forward(model, x, [1], num_prefix_token=2)
 
 
 @pytest.mark.parametrize(
@@ -238,5 +392,5 @@ def test_bad_arguments(tiny):
         dense_features(tiny, torch.randn(1, 3, 50, 56))
     with pytest.raises(ValueError, match="max_slices"):
         llava_uhd_slices(100, 100, 56, max_slices=0)
-    with pytest.raises(ValueError, match="square token grid"):
+    with pytest.raises(ValueError, match="square grid"):
         s2_forward(lambda c: torch.zeros(c.shape[0], 5, 2), x, img_sizes=[56])

@@ -159,6 +159,10 @@ def test_return_tensors_pt_keeps_upstream_list():
         (torch.zeros(2, 8, 8), ValueError, "image"),
         (torch.zeros(3, 8, 8, dtype=torch.int32), TypeError, "image"),
         ([], ValueError, "image"),
+        (Image.new("RGB", (0, 0)), ValueError, "0x0 pixels"),
+        (Image.new("RGB", (5, 0)), ValueError, "5x0 pixels"),
+        (torch.zeros(3, 0, 0), ValueError, "0x0 pixels"),
+        (torch.zeros(3, 4, 0, dtype=torch.uint8), ValueError, "0x4 pixels"),
     ],
 )
 def test_bad_image_raises(bad, error, word):
@@ -175,6 +179,13 @@ def test_bad_image_raises(bad, error, word):
         ({"image_size": 8, "interpolation": "nearest"}, "interpolation"),
         ({"image_size": 8, "resize_mode": "shortest"}, "resize_mode"),
         ({"image_size": 8, "mean": (0.1, 0.2)}, "mean"),
+        ({"image_size": 8, "mean": "0.5"}, "mean"),
+        ({"image_size": 8, "mean": float("nan")}, "mean"),
+        ({"image_size": 8, "std": 0}, "std must be positive"),
+        ({"image_size": 8, "std": (0.2, 0.0, 0.3)}, "std must be positive"),
+        ({"image_size": 8, "std": -0.2}, "std must be positive"),
+        ({"image_size": 8, "std": float("inf")}, "std must be positive"),
+        ({"image_size": 8, "std": True}, "std"),
     ],
 )
 def test_bad_config_raises(kwargs, word):

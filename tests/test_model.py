@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -44,6 +46,84 @@ def test_mixed_size_list_equals_each_image_alone(model, kwargs):
                 assert torch.equal(got, ref)
             for got, ref in zip(packed.selection_probs[b], alone.selection_probs):
                 assert rel_err(got, ref) < 1e-6  # batch size changes matmul rounding only
+
+
+def _alone_kwargs(kwargs: dict, b: int) -> dict:
+    """Arguments of image ``b`` encoded alone, from the arguments of a list call."""
+    one = {}
+    for key, value in kwargs.items():
+        if key == "prompt":
+            one[key] = value[b : b + 1]
+        elif key == "gt_selection_maps":
+            one[key] = value[b][None]
+        elif key == "only_select_first_n_scale":
+            one[key] = [value[b]]
+        elif key == "is_global_text":
+            one[key] = value[b : b + 1]
+        else:
+            one[key] = value[b] if isinstance(value, list) else value
+    return one
+
+
+def assert_list_equals_each_alone(model, ims, kwargs):
+    with torch.no_grad(), use_backend("torch"):
+        packed = model(ims, **kwargs)
+        for b, im in enumerate(ims):
+            alone = model(im[None], **_alone_kwargs(kwargs, b))
+            where = f"image {b} {tuple(im.shape[1:])} of {[tuple(i.shape[1:]) for i in ims]}, {sorted(kwargs)}"
+            if alone.pooled_output is not None:
+                assert rel_err(packed.pooled_output[b], alone.pooled_output) < 1e-5, where
+            else:
+                for got, ref in zip(packed.hidden_states[b], alone.hidden_states):
+                    assert rel_err(got, ref) < 1e-5, where
+            for got, ref in zip(packed.selection_maps[b] or [], alone.selection_maps or []):
+                assert torch.equal(got, ref), where
+            for got, ref in zip(packed.selection_probs[b], alone.selection_probs):
+                assert rel_err(got, ref) < 1e-6, where
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_list_of_random_sizes_and_orientations_equals_each_alone(model, trial):
+    """Fuzz: random sizes, both orientations (often the transposed twin of another image, which
+    has the same patch count per scale), random selection arguments."""
+    rng = random.Random(1000 + trial)
+    sizes = []
+    for _ in range(rng.randint(2, 4)):
+        if sizes and rng.random() < 0.4:
+            h, w = rng.choice(sizes)
+            sizes.append((w, h))
+        else:
+            long_side, short_side = rng.randint(56, 300), rng.randint(8, 300)
+            sizes.append((long_side, short_side) if rng.random() < 0.5 else (short_side, long_side))
+    ims = images(*sizes, seed=trial)
+    B = len(ims)
+    gen = torch.Generator().manual_seed(trial)
+    kwargs = {}
+    mode = ["looks", "tokens", "first_n", "pooled"][trial % 4]
+    if mode == "looks":
+        kwargs["num_look_close"] = rng.choice([0, 1, 2, "all"])
+    elif mode == "tokens":
+        kwargs["num_token_look_close"] = [rng.randint(0, 60) for _ in range(B)]
+    elif mode == "first_n":
+        kwargs.update(num_look_close=rng.randint(1, 3), only_select_first_n_scale=[rng.randint(1, 2) for _ in range(B)])
+    else:
+        kwargs.update(output_hidden_states=False, is_global_text=torch.rand(B, 1, generator=gen) < 0.5)
+    if rng.random() < 0.5:
+        kwargs["prompt"] = torch.randn(B, 64, generator=gen)
+    if rng.random() < 0.5:
+        kwargs["gt_selection_maps"] = [(torch.rand(rng.randint(1, 12), rng.randint(1, 12), generator=gen) < 0.3).float() for _ in range(B)]
+    if mode != "pooled" and rng.random() < 0.3:
+        kwargs["smooth_selection_prob"] = True
+    assert_list_equals_each_alone(model, ims, kwargs)
+
+
+def test_transposed_photos_on_ps3_1_5k_geometry():
+    """1512x1134 and 1134x1512 have equal patch counts per scale with transposed grids."""
+    from ps3.demo import demo_model
+
+    ps3_1_5k = demo_model(seed=2, depth=2, select_based_on_layer=[0, 1])
+    ims = images((1512, 1134), (1134, 1512), (1134, 1512), seed=13)
+    assert_list_equals_each_alone(ps3_1_5k, ims, dict(num_look_close=1))
 
 
 def test_list_of_same_size_matches_batch_tensor(model):
@@ -156,6 +236,23 @@ BAD_INPUTS = [
     (dict(num_token_look_close=[1, 2]), ValueError, "num_token_look_close"),
     (dict(output_hidden_states=False, num_look_close=1), ValueError, "pre-training"),
     (dict(pixel_values="image.png"), TypeError, "pixel_values"),
+    # Switches take bools only: 0.5 or 'false' must not silently mean True.
+    (dict(smooth_selection_prob=0.5), TypeError, "smooth_selection_prob"),
+    (dict(smooth_selection_prob="false"), TypeError, "smooth_selection_prob"),
+    (dict(output_hidden_states="false"), TypeError, "output_hidden_states"),
+    (dict(output_hidden_states=1), TypeError, "output_hidden_states"),
+    (dict(num_look_close=None, output_hidden_states=False, pool_gt_token_only=1, gt_selection_maps=torch.ones(1, 4, 4)),
+     TypeError, "pool_gt_token_only"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[0.5]])), TypeError, "is_global_text"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[1]])), TypeError, "is_global_text"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=True), ValueError, "is_global_text"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.ones(1, 1, dtype=torch.bool, device="meta")),
+     ValueError, "is_global_text is on meta"),
+    (dict(prompt=torch.ones(1, 64, dtype=torch.long)), TypeError, "prompt must be a floating-point"),
+    (dict(prompt=torch.ones(1, 64, device="meta")), ValueError, "prompt is on meta"),
+    (dict(gt_selection_maps=torch.ones(1, 4, 4, device="meta")), ValueError, "gt_selection_maps is on meta"),
+    (dict(gt_selection_maps=torch.ones(1, 0, 4)), ValueError, "gt_selection_maps.0. is empty"),
+    (dict(gt_selection_maps=[torch.ones(4, 0)]), ValueError, "gt_selection_maps.0. is empty"),
 ]
 
 
@@ -165,6 +262,46 @@ def test_bad_input_raises_clear_errors(model, kwargs, error, match):
     call.update(kwargs)
     with pytest.raises(error, match=match):
         model(**call)
+
+
+def test_upstream_switch_and_mask_types_still_work(model):
+    x = torch.stack(images((224, 224), (224, 224), seed=14))
+    gt = torch.zeros(2, 6, 6, dtype=torch.bool)
+    gt[:, :2, :3] = True
+    import numpy as np
+
+    with torch.no_grad():
+        ref = model(x, output_hidden_states=False, is_global_text=torch.tensor([[True], [False]]))
+        flat = model(x, output_hidden_states=np.bool_(False), is_global_text=torch.tensor([True, False]))
+        assert torch.equal(ref.pooled_output, flat.pooled_output)
+        model(x, output_hidden_states=False, pool_gt_token_only=True, gt_selection_maps=gt)
+        model(x, num_look_close=1, smooth_selection_prob=np.bool_(True), prompt=torch.randn(2, 64).half().float())
+
+
+def test_format_features_into_feature_maps_rejects_mismatched_inputs(model):
+    x = torch.stack(images((224, 224), (224, 224), seed=15))
+    enc = model.vision_model
+    with torch.no_grad():
+        out = model(x, num_look_close=1)
+    with pytest.raises(ValueError, match=r"selection_maps\[0\] must be a \(B=1"):
+        enc.format_features_into_feature_maps(out.last_hidden_state[:1], out.selection_maps)
+    with pytest.raises(ValueError, match="2 .B, h, w. tensors"):
+        enc.format_features_into_feature_maps(out.last_hidden_state, out.selection_maps[:1])
+    with pytest.raises(ValueError, match="features must be a .B, N, C. tensor"):
+        enc.format_features_into_feature_maps(out.last_hidden_state[0], out.selection_maps)
+    with pytest.raises(ValueError, match="is on meta"):
+        enc.format_features_into_feature_maps(out.last_hidden_state, [m.to("meta") for m in out.selection_maps])
+    with pytest.raises(ValueError, match="tokens per image"):
+        enc.format_features_into_feature_maps(out.last_hidden_state[:, :-1], out.selection_maps)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_heads", 0), ("num_heads", 2.5), ("depth", 0), ("hidden_size", -64), ("hidden_size", True),
+    ("mlp_ratio", 0), ("mlp_ratio", "4"), ("patch_size", 0), ("img_size", 0), ("img_size", 10),
+])
+def test_bad_trunk_fields_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"config.{'img_size' if field == 'img_size' else field}"):
+        PS3VisionModel(tiny_vision_config(**{field: value}))
 
 
 def test_unknown_trunk_without_fields_is_rejected():
@@ -197,17 +334,29 @@ def test_towers_load_from_a_combined_ps3_checkpoint(tmp_path):
         assert rel_err(text_model(ids).prompt, full.encode_text(ids).prompt) < 1e-6
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("switch", ["transformers", "timm"])
+def test_gradient_checkpointing_gives_the_same_gradients(switch):
+    """Both switches: transformers' ``gradient_checkpointing_enable`` and timm's
+    ``trunk.set_grad_checkpointing(enable=True)``, which VILA calls for ``ps3_grad_checkpointing``."""
     def grads(checkpointing: bool):
         model = randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=4).train()
-        if checkpointing:
+        if checkpointing and switch == "timm":
+            model.vision_model.trunk.set_grad_checkpointing(enable=True)
+        elif checkpointing:
             model.gradient_checkpointing_enable()
-            assert model.vision_model.trunk.grad_checkpointing
+        assert model.vision_model.trunk.grad_checkpointing == checkpointing
+        calls = []
+        for block in model.vision_model.trunk.blocks:
+            block.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop early
         x = torch.stack(images((224, 200), seed=11))
-        model(x, num_look_close=2).last_hidden_state.square().mean().backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        out = model(x, num_look_close=2).last_hidden_state
+        forward_calls = len(calls)
+        out.square().mean().backward()
+        recomputed = len(calls) - forward_calls
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, recomputed
 
-    plain, checkpointed = grads(False), grads(True)
+    (plain, plain_recomputed), (checkpointed, recomputed) = grads(False), grads(True)
+    assert plain_recomputed == 0 and recomputed > 0  # the blocks really ran again in backward
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:
         assert rel_err(checkpointed[name], plain[name]) < 1e-5, name

@@ -64,12 +64,16 @@ def test_guard_catches_a_host_read():
             pass
 
 
-@pytest.mark.parametrize("kwargs", [
+# Forward arguments of a two-image list (also run on CUDA in sync-debug mode by benchmarks/gpu_suite.py).
+FORWARD_KWARGS = [
     dict(num_look_close=2),
     dict(num_token_look_close=[13, 40]),
     dict(num_look_close="all", only_select_first_n_scale=[1, 2]),
     dict(output_hidden_states=False, is_global_text=torch.tensor([True, False])),
-])
+]
+
+
+@pytest.mark.parametrize("kwargs", FORWARD_KWARGS)
 def test_vision_forward_has_no_host_reads(kwargs):
     model = randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=2).eval()
     images = [torch.randn(3, 224, 180), torch.randn(3, 150, 224)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -138,6 +139,25 @@ def test_bad_texts_raise(hf_dir, bad):
 def test_missing_context_length_raises(hf_dir):
     with pytest.raises(ValueError, match="context_length"):
         PS3Tokenizer(hf_dir, context_length=None)("a cat")
+
+
+def test_empty_list_raises(hf_dir):
+    with pytest.raises(ValueError, match="texts is an empty list"):
+        PS3Tokenizer(hf_dir)([])
+
+
+@pytest.mark.parametrize("bad, error", [(8.5, TypeError), (8.0, TypeError), ("8", TypeError), (True, TypeError), (-3, ValueError)])
+def test_bad_context_length_raises(hf_dir, bad, error):
+    with pytest.raises(error, match="context_length"):
+        PS3Tokenizer(hf_dir, context_length=16)(["a cat"], context_length=bad)
+    with pytest.raises(error, match="context_length"):
+        PS3Tokenizer(hf_dir, context_length=bad)
+
+
+def test_context_length_integer_kinds(hf_dir):
+    tok = PS3Tokenizer(hf_dir, context_length=16)
+    assert tok(["a cat"], context_length=np.int64(8)).shape == (1, 8)
+    assert tok(["a cat"], context_length=0).shape == (1, 16)  # upstream's `or`: 0 means the default
 
 
 # ---------------------------------------------------------------- save / load

@@ -1,0 +1,399 @@
+"""One prepared GPU run that proves and times the kernels inside a hard time budget.
+
+    python3 benchmarks/gpu_suite.py                              # GPU machine: budget 360 s, output to $OUT
+    python3 benchmarks/gpu_suite.py --dry-run --out /tmp/suite   # any CPU: tiny shapes, Triton interpreter
+
+Stages, in priority order (``suite_stages.py``): environment and ceilings, compiled correctness,
+op timings side by side (with the launch variants of ``launch_variants.py``), end to end against
+upstream PS3 and the dense baselines, launch overhead (CUDA graph against eager). Each stage has
+a cap, a share of ``--budget-s``; a stage may also use what earlier stages left unused, never
+what later ones were promised. The stages run in a worker process that writes each stage's
+results to disk after every entry; this process only watches the clock, kills the worker when
+a stage overruns its cap (what it measured is kept, the stage is marked ``timeout``), starts a
+fresh worker for the stages left, and rewrites ``summary.json`` whenever a result lands. A
+correctness miss is a result, never an exit.
+
+Output (``--out``, default ``$OUT``): ``summary.json``, ``summary.md`` (the table printed last)
+and ``suite.log`` (everything the worker printed). Nothing is installed and nothing is fetched:
+the repository is put on ``sys.path``; wheels carried in ``.whl/`` (see
+``benchmarks/carry_wheels.sh``) are unpacked with ``pip install --no-index --target`` into a
+temporary folder: ``.whl/suite/`` for this process, ``.whl/upstream/`` (upstream PS3 with its
+pinned timm and transformers) for the upstream worker alone, in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WHEELS = REPO_ROOT / ".whl"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    share: float  # of the budget
+
+
+STAGES = (  # in priority order; implemented in suite_stages.py
+    Stage("environment", 0.08),  # device, versions, commit, bf16 GEMM and copy ceilings
+    Stage("correctness", 0.30),  # every op against float64, upstream parity, no host sync
+    Stage("op_timings", 0.25),  # the ops side by side with their peers, launch variants
+    Stage("end_to_end", 0.27),  # the encoder against upstream PS3, S2 and AnyRes
+    Stage("launch_overhead", 0.10),  # CUDA graph replay against eager
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+FINAL = ("ok", "failed", "timeout", "skipped")
+SOFT_MARGIN = 0.02  # of the budget: stages stop starting new work this long before their deadline
+
+
+def schedule(t0: float, budget: float, names: tuple[str, ...] = STAGE_NAMES) -> dict[str, float]:
+    """Deadline of every stage (wall clock): the end of its cumulative share of the budget."""
+    shares = {s.name: s.share for s in STAGES if s.name in names}
+    total, deadlines = sum(shares.values()), {}
+    done = 0.0
+    for name in names:
+        done += shares[name]
+        deadlines[name] = t0 + budget * done / total
+    return deadlines
+
+
+# ----------------------------------------------------------------------------- stage files
+
+
+def stage_path(work: Path, name: str) -> Path:
+    return work / f"stage-{name}.json"
+
+
+def read_stage(work: Path, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(stage_path(work, name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("PS3_COMMIT")  # a copy of the tree without .git: the caller says which commit
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_summary(work: Path, args: argparse.Namespace, t0: float, names: tuple[str, ...],
+                  deadlines: dict[str, float], wheels: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = dict(
+        device=None, torch=_version("torch"), triton=_version("triton"), commit=_git_commit(),
+        ceilings={}, correctness=[], timings=[], variants=[], end_to_end=[], launch_overhead=[],
+    )
+    stages = []
+    previous_deadline = t0
+    for name in names:
+        rec = read_stage(work, name) or {"status": "pending"}
+        for key, value in (rec.get("data") or {}).items():
+            summary[key] = value
+        stages.append(dict(name=name, status=rec.get("status"), elapsed_s=rec.get("elapsed_s"),
+                           cap_s=round(deadlines[name] - previous_deadline, 1), error=rec.get("error")))
+        previous_deadline = deadlines[name]
+    summary["commit"] = summary["commit"] or _git_commit()
+    summary["suite"] = dict(dry_run=args.dry_run, budget_s=args.budget_s, elapsed_s=round(time.time() - t0, 1),
+                            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)), stages=stages,
+                            wheels=wheels, argv=sys.argv[1:])
+    return summary
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The table printed last (and saved as summary.md)."""
+    suite = s.get("suite", {})
+    lines = [f"## gpu_suite{' (dry run)' if suite.get('dry_run') else ''}: {s.get('device')}",
+             "", f"torch {s.get('torch')}, triton {s.get('triton')}, commit {s.get('commit')}; "
+             f"{suite.get('elapsed_s')} s of a {suite.get('budget_s')} s budget", ""]
+    lines += ["| stage | status | s | cap s | error |", "|---|---|---:|---:|---|"]
+    for st in suite.get("stages", []):
+        lines.append(f"| {st['name']} | {st['status']} | {_fmt(st['elapsed_s'], 1)} | {_fmt(st['cap_s'], 1)} | "
+                     f"{(st['error'] or '')[:120]} |")
+    c = s.get("ceilings") or {}
+    if c:
+        lines += ["", "ceilings: " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in c.items() if isinstance(v, (int, float)))]
+    checks = s.get("correctness") or []
+    if checks:
+        passed = sum(1 for r in checks if r.get("ok"))
+        ran = sum(1 for r in checks if r.get("ok") is not None)
+        lines += ["", f"correctness: {passed}/{ran} ok ({len(checks) - ran} not run)"]
+        lines += [f"- MISS {r['name']}: worst rel err {_fmt(r.get('worst_rel_err'), 6)} (tol {r.get('tol')}) "
+                  f"{r.get('error') or ''}"[:300] for r in checks if r.get("ok") is False]
+    if s.get("timings"):
+        lines += ["", "timings (ratio = peer ms / ours ms; > 1: ours faster)", "",
+                  "| name | shape | ours ms | peer | peer ms | ratio |", "|---|---|---:|---|---:|---:|"]
+        for r in s["timings"]:
+            lines.append(f"| {r['name']} | {r['shape']} | {_fmt(r['ours_ms'], 3)} | {r['peer']} | "
+                         f"{_fmt(r['peer_ms'], 3)} | {_fmt(r['ratio'])} |" + (f" {r['error'][:80]}" if r.get("error") else ""))
+    if s.get("variants"):
+        lines += ["", "launch variants (winner: fastest correct one)", ""]
+        for v in s["variants"]:
+            times = ", ".join(f"{c['name']} {_fmt(c.get('ms'), 3)}" for c in v["candidates"])
+            verdict = "" if v["winner"] in (None, "default") else \
+                f", x{_fmt(v['speedup_vs_default'])} over default, {'decisive' if v.get('decisive') else 'within noise'}"
+            lines.append(f"- {v['op']} {v['shape']}: winner **{v['winner']}** ({times} ms{verdict})")
+    if s.get("end_to_end"):
+        lines += ["", "end to end (bf16; x floor = ms / (counted FLOPs at the measured bf16 GEMM rate))", "",
+                  "| method | batch | looks | ms | TFLOP/s | x floor | peak MiB | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in s["end_to_end"]:
+            status = r["status"] + (f": {r['error'][:80]}" if r.get("error") and r["status"] != "ok" else "")
+            lines.append(f"| {r['method']} | {r['batch']} | {_fmt(r['looks'])} | {_fmt(r['ms'])} | "
+                         f"{_fmt(r['tflops_per_s'], 1)} | {_fmt(r.get('ratio_to_floor'))} | {_fmt(r['peak_mem_mb'], 0)} | "
+                         f"{status} |")
+    for r in s.get("launch_overhead") or []:
+        lines += ["", f"launch overhead {r['name']}: eager {_fmt(r.get('eager_ms'), 3)} ms, CUDA graph "
+                      f"{_fmt(r.get('graph_ms'), 3)} ms (x{_fmt(r.get('ratio'))}), {r['status']}"
+                      + (f": {r['error'][:200]}" if r.get("error") else "")]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- wheels
+
+
+def _pip_target(wheel_dirs: list[Path], target: Path) -> list[str] | None:
+    wheels = sorted(str(w) for d in wheel_dirs if d.is_dir() for w in d.glob("*.whl"))
+    if not wheels:
+        return None
+    return [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+            "--no-cache-dir", "--disable-pip-version-check", "--target", str(target), *wheels]
+
+
+def install_wheels(work: Path, log) -> tuple[str | None, subprocess.Popen | None, dict[str, Any]]:
+    """``.whl/suite`` now (small; for the worker), ``.whl/upstream`` in the background (for the
+    upstream worker only). Returns the suite's site folder, the background install and a record."""
+    record: dict[str, Any] = {}
+    suite_site = None
+    cmd = _pip_target([WHEELS / "suite"], work / "suite_site")
+    if cmd is not None:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        record["suite"] = "installed" if done.returncode == 0 else f"pip exited with {done.returncode} (see suite.log)"
+        suite_site = str(work / "suite_site") if done.returncode == 0 else None
+    else:
+        record["suite"] = "no .whl/suite wheels"
+    upstream = None
+    cmd = _pip_target([WHEELS / "upstream", WHEELS / "suite"], work / "upstream_site")
+    if cmd is not None:
+        upstream = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        record["upstream"] = "installing"
+    else:
+        record["upstream"] = "no .whl/upstream wheels"
+        write_json(work / "upstream_site.json", dict(ok=False, reason="no wheels in .whl/upstream (benchmarks/carry_wheels.sh)"))
+    return suite_site, upstream, record
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+class Supervisor:
+    """Runs the stages in worker processes against the clock and keeps ``summary.json`` current."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t0 = time.time()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.names = tuple(args.stages)
+        self.deadlines = schedule(self.t0, args.budget_s, self.names)
+        self.budget_end = self.t0 + args.budget_s
+        self.remaining = list(self.names)
+        self.work = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
+        self.log = open(self.out / "suite.log", "a", buffering=1)
+        self.log.write(f"== gpu_suite {' '.join(sys.argv[1:])} (work {self.work})\n")
+        suite_site, self.upstream_install, self.wheels = install_wheels(self.work, self.log)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), suite_site, self.env.get("PYTHONPATH")) if p)
+        if args.dry_run:
+            self.env["TRITON_INTERPRET"] = "1"
+            self.env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with a GPU
+        else:
+            self.env.pop("TRITON_INTERPRET", None)
+
+    def say(self, message: str) -> None:
+        print(f"[{time.time() - self.t0:6.1f} s] {message}", flush=True)
+
+    def summarise(self) -> dict[str, Any]:
+        summary = build_summary(self.work, self.args, self.t0, self.names, self.deadlines, self.wheels)
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    def mark(self, name: str, status: str, error: str) -> None:
+        """Close a stage the worker could not close (killed, crashed, never started)."""
+        rec = read_stage(self.work, name) or dict(stage=name, data={}, started=time.time())
+        rec.update(status=status, error=error, elapsed_s=round(time.time() - rec.get("started", time.time()), 1))
+        write_json(stage_path(self.work, name), rec)
+        self.say(f"{name}: {status} ({error})")
+
+    def poll_install(self) -> None:
+        """Tell the end-to-end stage (through a marker file) once the upstream wheels are unpacked."""
+        proc = self.upstream_install
+        if proc is not None and proc.poll() is not None:
+            ok = proc.returncode == 0
+            self.wheels["upstream"] = "installed" if ok else f"pip exited with {proc.returncode} (see suite.log)"
+            write_json(self.work / "upstream_site.json",
+                       dict(ok=ok, path=str(self.work / "upstream_site"), reason=self.wheels["upstream"]))
+            self.upstream_install = None
+
+    def pop_finished(self) -> None:
+        while self.remaining and (read_stage(self.work, self.remaining[0]) or {}).get("status") in FINAL:
+            name = self.remaining.pop(0)
+            self.say(f"{name}: {read_stage(self.work, name)['status']}")
+
+    def deadline(self) -> float:
+        return min(self.deadlines[self.remaining[0]], self.budget_end)
+
+    def spawn_worker(self) -> None:
+        """One worker for the remaining stages; returns when it exits or is killed at a deadline."""
+        args = self.args
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(self.work), "--t0", repr(self.t0),
+               "--budget-s", str(args.budget_s), "--stages", ",".join(self.remaining),
+               "--all-stages", ",".join(self.names)] + (["--dry-run"] if args.dry_run else [])
+        worker = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO_ROOT,
+                                  start_new_session=True)  # its own process group: a kill takes its children too
+        seen: dict[str, float] = {}
+        try:
+            while worker.poll() is None:
+                self.poll_install()
+                self.pop_finished()
+                if self.remaining and time.time() > self.deadline():
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+                    name, deadline = self.remaining[0], self.deadline()
+                    self.remaining.pop(0)
+                    self.mark(name, "timeout", f"killed at its deadline, {deadline - self.t0:.0f} s into the run")
+                    return
+                stamps = {n: stage_path(self.work, n).stat().st_mtime for n in self.names
+                          if stage_path(self.work, n).exists()}
+                if stamps != seen:
+                    seen = stamps
+                    self.summarise()
+                time.sleep(0.2)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        self.pop_finished()
+        if self.remaining and worker.returncode != 3:  # 3: a stage left the GPU unusable; a fresh worker goes on
+            self.mark(self.remaining.pop(0), "failed" if worker.returncode else "skipped",
+                      f"worker exited with {worker.returncode} (see suite.log)")
+
+    def run(self) -> int:
+        try:
+            self.summarise()
+            while self.remaining:
+                if time.time() > self.deadline() - 1.0:
+                    self.mark(self.remaining.pop(0), "skipped", "no time left in the budget")
+                else:
+                    self.spawn_worker()
+            summary = self.summarise()
+        finally:
+            if self.upstream_install is not None:
+                self.upstream_install.kill()
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.log.close()
+        table = format_summary(summary)
+        (self.out / "summary.md").write_text(table)
+        print(table)
+        print(f"wrote {self.out / 'summary.json'}, {self.out / 'summary.md'}, {self.out / 'suite.log'}")
+        return 0
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "benchmarks")]
+    import suite_stages
+
+    work = Path(args.worker)
+    deadlines = schedule(args.t0, args.budget_s, tuple(args.all_stages))
+    for name in args.stages:
+        ctx = suite_stages.StageContext(name=name, work=work, deadline=deadlines[name],
+                                        soft_deadline=deadlines[name] - SOFT_MARGIN * args.budget_s,
+                                        dry_run=args.dry_run)
+        if not suite_stages.run_stage(ctx):
+            return 3  # the device is unusable (sticky CUDA error): a fresh process for the next stage
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", help="output folder (default: $OUT)")
+    parser.add_argument("--budget-s", type=float, help="hard wall-clock budget, compilation included "
+                        "(default 360; 170 with --dry-run)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
+    parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma list, in order (default: all)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--all-stages", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in args.stages if s not in STAGE_NAMES]
+    if unknown or not args.stages:
+        parser.error(f"--stages takes a comma list of {', '.join(STAGE_NAMES)}; got {unknown or 'nothing'}")
+    args.all_stages = args.all_stages.split(",") if args.all_stages else args.stages
+    if args.budget_s is None:
+        args.budget_s = 170.0 if args.dry_run else 360.0
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.worker is None:
+        args.out = args.out or os.environ.get("OUT")
+        if not args.out:
+            parser.error("--out is required when $OUT is not set")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_worker(args) if args.worker else Supervisor(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -112,10 +112,10 @@ def _query_block(BlockSeq, BlockStart, CuSeqlens, pid, total, BLOCK: tl.constexp
     """Sequence of flat block ``pid`` (``< 0``: a spare program), its first token and length, the
     block's row indices within the sequence and which of them are in it."""
     seq = tl.load(BlockSeq + pid)
-    first = (pid - tl.load(BlockStart + tl.maximum(seq, 0))) * BLOCK
+    first = tl.maximum(pid - tl.load(BlockStart + tl.maximum(seq, 0)), 0) * BLOCK  # >= 0 even for a bad schedule
     start, length = _seq_span(CuSeqlens, tl.maximum(seq, 0), total)
     rows = first + tl.arange(0, BLOCK)
-    return seq, start, length, rows, (rows >= 0) & (rows < length)
+    return seq, start, length, rows, rows < length
 
 
 @triton.jit
@@ -387,7 +387,7 @@ def _block_schedule(
     pids = torch.arange(bound, device=cu.device, dtype=torch.int32)
     seq = torch.searchsorted(ends, pids, right=True, out_int32=True)
     schedule = (torch.where(seq < num_seqs, seq, -1), ends - nblocks, bound)
-    if not (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not (cu.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         if owner is None or owner() is not cu:
             schedules = {}
             _SCHEDULES[id(cu)] = (weakref.ref(cu), schedules)

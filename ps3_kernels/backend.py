@@ -78,6 +78,10 @@ def triton_interpreted() -> bool:
 # ----------------------------------------------------------------------------- what a Triton path supports
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class TritonNotSupportedError(NotImplementedError):
     """The Triton backend was asked for explicitly but cannot run these inputs; the message lists why."""
 
@@ -99,7 +103,7 @@ class TritonSupport:
     devices: str = "CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
 
     def __str__(self) -> str:
-        dtypes = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+        dtypes = ", ".join(map(_dtype_name, self.dtypes))
         lines = [f"{self.op}: {self.devices}; dtypes {dtypes}",
                  f"  gradients: {', '.join(self.differentiable) or 'none (integer output)'}"
                  + (f" ({self.backward})" if self.backward else "")]
@@ -117,26 +121,20 @@ def register_support(support: TritonSupport, reasons: Callable[..., list[str]]) 
 
 def triton_support() -> dict[str, TritonSupport]:
     """What every op's Triton path supports, by op name (``print`` one for a summary)."""
-    _register_all()
     return {name: support for name, (support, _) in _SUPPORT.items()}
 
 
 def not_supported_reasons(op: str, *args, **kwargs) -> list[str]:
     """Why op ``op``'s Triton path cannot run these arguments (the op's own); empty when it can."""
-    _register_all()
     if op not in _SUPPORT:
         raise ValueError(f"op must be one of {sorted(_SUPPORT)}, got {op!r}")
     return _SUPPORT[op][1](*args, **kwargs)
 
 
-def _register_all() -> None:
-    from . import patch_embed, selection, varlen_attention  # noqa: F401  (each registers its ops)
-
-
 def dtype_reasons(support: TritonSupport, tensors: dict[str, torch.Tensor | None]) -> list[str]:
     """One reason per floating tensor whose dtype the Triton path does not take."""
-    names = ", ".join(str(d).removeprefix("torch.") for d in support.dtypes)
-    return [f"{name} is {str(t.dtype).removeprefix('torch.')} (the Triton path takes {names})"
+    names = ", ".join(map(_dtype_name, support.dtypes))
+    return [f"{name} is {_dtype_name(t.dtype)} (the Triton path takes {names})"
             for name, t in tensors.items()
             if t is not None and t.is_floating_point() and t.dtype not in support.dtypes]
 
@@ -150,11 +148,16 @@ def grad_reasons(support: TritonSupport, tensors: dict[str, torch.Tensor | None]
             if t is not None and t.requires_grad and name not in support.differentiable]
 
 
+def _on_gpu(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether ``auto`` considers Triton at all: only for CUDA tensors (the interpreter is for tests)."""
+    return any(t is not None and t.is_cuda for t in tensors)
+
+
 def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
     if not triton_available():
         return ["triton is not installed"]
     tensors = [t for t in tensors if t is not None]
-    if not any(t.is_cuda for t in tensors) and not triton_interpreted():
+    if not _on_gpu(tensors) and not triton_interpreted():
         devices = "/".join(sorted({t.device.type for t in tensors})) or "no device"
         return [f"the tensors are on {devices}; the kernels need CUDA tensors "
                 "(or TRITON_INTERPRET=1, set before importing triton, for CPU tensors)"]
@@ -162,11 +165,6 @@ def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
 
 
 _warned: set[tuple[str, tuple[str, ...]]] = set()
-
-
-def _on_gpu(tensors: list[torch.Tensor | None]) -> bool:
-    """Whether ``auto`` considers Triton at all: only for CUDA tensors (the interpreter is for tests)."""
-    return any(t is not None and t.is_cuda for t in tensors)
 
 
 def dispatch(support: TritonSupport, reasons: list[str], tensors: Iterable[torch.Tensor | None],

@@ -33,7 +33,7 @@ def gpu_metadata(monkeypatch):
 
 def forward_counts(model, backend_name, images, **kwargs):
     with torch.no_grad(), use_backend(backend_name):
-        for _ in range(2):  # the first call builds the per-layout device tables
+        for _ in range(2 if backend_name == "triton" else 1):  # Triton: the first call builds the block schedules
             with count_launches(dry=DRY) as counts:
                 model(images, **kwargs)
     return counts
@@ -82,11 +82,15 @@ def test_vision_forward_traces_as_one_graph_with_triton_ops():
         return out.last_hidden_state.square().mean() + sum(p.sum() for p in out.selection_probs)
 
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with use_backend("triton"):
-        got = loss(compiled(x, num_look_close=1, prompt=prompt))
-        (got_grad,) = torch.autograd.grad(got, prompt)
-        ref = loss(model(x, num_look_close=1, prompt=prompt))
-        (ref_grad,) = torch.autograd.grad(ref, prompt)
+    torch._dynamo.reset()  # no state from other tests' compiles of the same forward (and none left for them)
+    try:
+        with use_backend("triton"):
+            got = loss(compiled(x, num_look_close=1, prompt=prompt))
+            (got_grad,) = torch.autograd.grad(got, prompt)
+            ref = loss(model(x, num_look_close=1, prompt=prompt))
+            (ref_grad,) = torch.autograd.grad(ref, prompt)
+    finally:
+        torch._dynamo.reset()
     assert rel_err(got, ref) < 1e-6 and rel_err(got_grad, ref_grad) < 1e-5
 
 

@@ -106,7 +106,7 @@ class TritonSupport:
         dtypes = ", ".join(map(_dtype_name, self.dtypes))
         lines = [f"{self.op}: {self.devices}; dtypes {dtypes}",
                  f"  gradients: {', '.join(self.differentiable) or 'none (integer output)'}"
-                 + (f" ({self.backward})" if self.backward else "")]
+                 + (f"; backward: {self.backward}" if self.backward else "")]
         lines += [f"  {limit}" for limit in self.limits]
         return "\n".join(lines)
 

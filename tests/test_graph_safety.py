@@ -14,7 +14,7 @@ from ps3.demo import randomize_parameters_
 from ps3_kernels import use_backend
 from ps3_kernels.counting import count_launches
 
-from helpers import rel_err, tiny_vision_config
+from helpers import DEVICE, rel_err, tiny_vision_config
 
 # Counted but not run under the interpreter (their outputs index nothing; the look assignment runs).
 DRY = ("_fwd_kernel", "_embed_kernel", "_probs_kernel")
@@ -22,7 +22,7 @@ DRY = ("_fwd_kernel", "_embed_kernel", "_probs_kernel")
 
 @pytest.fixture(scope="module")
 def model():
-    return randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=2).eval()
+    return randomize_parameters_(PS3VisionModel(tiny_vision_config()), seed=2).to(DEVICE).eval()
 
 
 @pytest.fixture
@@ -33,7 +33,8 @@ def gpu_metadata(monkeypatch):
 
 def forward_counts(model, backend_name, images, **kwargs):
     with torch.no_grad(), use_backend(backend_name):
-        for _ in range(2 if backend_name == "triton" else 1):  # Triton: the first call builds the block schedules
+        # The first call at a layout also builds its device tables (copies, on a GPU) and block schedules.
+        for _ in range(2 if backend_name == "triton" or DEVICE == "cuda" else 1):
             with count_launches(dry=DRY) as counts:
                 model(images, **kwargs)
     return counts
@@ -42,7 +43,8 @@ def forward_counts(model, backend_name, images, **kwargs):
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
 def test_launch_count_does_not_grow_with_images_or_looks(model, backend_name, gpu_metadata):
-    counts = {(b, looks): forward_counts(model, backend_name, torch.randn(b, 3, 224, 196), num_look_close=looks)
+    counts = {(b, looks): forward_counts(model, backend_name, torch.randn(b, 3, 224, 196, device=DEVICE),
+                                         num_look_close=looks)
               for b in (1, 2, 3) for looks in (1, 3)}
     base = counts[(2, 1)]
     for key, c in counts.items():
@@ -58,7 +60,8 @@ def test_launch_count_does_not_grow_with_images_or_looks(model, backend_name, gp
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
 def test_repeated_forward_copies_nothing_from_the_host(model, backend_name, gpu_metadata):
     """Index tables are built from host ints once per layout; the second call makes none."""
-    for images in (torch.randn(2, 3, 224, 196), [torch.randn(3, 224, 196), torch.randn(3, 150, 224)]):
+    for images in (torch.randn(2, 3, 224, 196, device=DEVICE),
+                   [torch.randn(3, 224, 196, device=DEVICE), torch.randn(3, 150, 224, device=DEVICE)]):
         layout._TABLES.clear()
         with torch.no_grad(), use_backend(backend_name):
             with count_launches(dry=DRY) as first:
@@ -74,9 +77,9 @@ def test_vision_forward_traces_as_one_graph_with_triton_ops():
     """torch.compile(fullgraph=True) with the Triton custom ops in the graph (aot_eager: the ops run
     as compiled by Triton, or interpreted on the CPU), forward and backward."""
     model = randomize_parameters_(PS3VisionModel(tiny_vision_config(depth=2, select_based_on_layer=[0, 1])),
-                                  seed=3).train()
-    x = torch.randn(2, 3, 224, 200)
-    prompt = torch.randn(2, 64, requires_grad=True)
+                                  seed=3).to(DEVICE).train()
+    x = torch.randn(2, 3, 224, 200, device=DEVICE)
+    prompt = torch.randn(2, 64, device=DEVICE, requires_grad=True)
 
     def loss(out):
         return out.last_hidden_state.square().mean() + sum(p.sum() for p in out.selection_probs)

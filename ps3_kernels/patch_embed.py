@@ -104,6 +104,7 @@ def _check(images: list[torch.Tensor], resized_sizes, tokens, weight, bias, pos_
         if not im.is_floating_point() or im.dtype != images[0].dtype:
             raise TypeError(f"images must share one floating dtype; images[{i}] is {im.dtype}, "
                             f"images[0] {images[0].dtype}")
+    p = weight.shape[-1]
     if not isinstance(resized_sizes, (list, tuple)) or len(resized_sizes) != len(images):
         raise ValueError(f"resized_sizes needs one list of sizes per image ({len(images)})")
     for i, sizes in enumerate(resized_sizes):
@@ -111,8 +112,9 @@ def _check(images: list[torch.Tensor], resized_sizes, tokens, weight, bias, pos_
             raise ValueError(f"resized_sizes[{i}] must be a non-empty list of (height, width) pairs, got {sizes!r}")
         for size in sizes:
             if (not isinstance(size, (list, tuple)) or len(size) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-                raise ValueError(f"resized_sizes[{i}] must hold (height, width) pairs of positive ints, got {size!r}")
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= p for v in size)):
+                raise ValueError(f"resized_sizes[{i}] must hold (height, width) pairs of ints >= the patch size {p}, "
+                                 f"got {size!r}")
     if not isinstance(tokens, PatchTokens):
         raise TypeError(f"tokens must be a PatchTokens, got {type(tokens).__name__}")
     n = len(tokens)
@@ -297,7 +299,7 @@ def sparse_patch_embed(
     Args:
         images: a ``(B, C, H, W)`` batch, or ``B`` tensors ``(C, H_b, W_b)`` (sizes may differ).
         resized_sizes: ``resized_sizes[b][s]`` is the ``(H', W')`` image ``b`` is resized to
-            at high-res scale ``s`` (multiples of the patch size).
+            at high-res scale ``s`` (at least one patch; PS3 uses multiples of the patch size).
         tokens: the selected patches, in output order: image in ``[0, B)``, scale in that
             image's scales, row/col inside that scale's patch grid.
         weight, bias: the patch-embed convolution, ``(C_out, C, p, p)`` and ``(C_out,)``.

@@ -157,8 +157,9 @@ def test_patch_embed_kernels_stay_in_bounds(case, changes, message, on_gpu_metad
 
 def test_patch_embed_rejects_bad_sizes_and_empty_images():
     args = embed_args()
-    with pytest.raises(ValueError, match=r"resized_sizes\[1\] must hold"):
-        sparse_patch_embed(**{**args, "resized_sizes": [[(12, 12)], [(12, 0)]]})
+    for size in ((12, 0), (12, 3)):  # a resized image holds at least one patch (4 px here)
+        with pytest.raises(ValueError, match=r"resized_sizes\[1\] must hold .* >= the patch size 4"):
+            sparse_patch_embed(**{**args, "resized_sizes": [[(12, 12)], [size]]})
     with pytest.raises(ValueError, match=r"images\[1\] is empty"):
         sparse_patch_embed(**{**args, "images": [args["images"][0], torch.zeros(3, 0, 4)]})
     with pytest.raises(TypeError, match="tokens must be a PatchTokens"):

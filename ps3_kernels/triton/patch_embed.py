@@ -109,8 +109,9 @@ def _token_geometry(Pixels, Geometry, TokImage, TokScale, TokRow, TokCol, tok, t
     width = tl.load(geo + 5).to(tl.int32)
     out_h = tl.load(geo + 6 + 2 * scale).to(tl.int32)
     out_w = tl.load(geo + 7 + 2 * scale).to(tl.int32)
-    top = tl.minimum(tl.maximum(tl.load(TokRow + tok, mask=t_mask, other=0).to(tl.int64) * P, 0), out_h - 1)
-    left = tl.minimum(tl.maximum(tl.load(TokCol + tok, mask=t_mask, other=0).to(tl.int64) * P, 0), out_w - 1)
+    # Resized sizes are at least one patch (checked on the host), so a clamped patch lies inside.
+    top = tl.minimum(tl.maximum(tl.load(TokRow + tok, mask=t_mask, other=0).to(tl.int64) * P, 0), out_h - P)
+    left = tl.minimum(tl.maximum(tl.load(TokCol + tok, mask=t_mask, other=0).to(tl.int64) * P, 0), out_w - P)
     step_y = height // out_h
     step_x = width // out_w
     one_tap = (step_y * out_h == height) & (step_x * out_w == width) & (step_y % 2 == 1) & (step_x % 2 == 1)
@@ -125,8 +126,8 @@ def _patch_tile(base, stride_c, stride_h, stride_w, height, width, out_h, out_w,
     """Pixels ``(tokens, k)`` of the resized images at patch features ``k = (c, dy, dx)`` (unfold order),
     computed in fp32 and rounded to the image dtype as the reference's resize-and-cast does."""
     plane = base[:, None] + (k // (P * P))[None, :] * stride_c[:, None]
-    y = tl.minimum(top[:, None] + ((k // P) % P)[None, :], out_h[:, None] - 1)
-    x = tl.minimum(left[:, None] + (k % P)[None, :], out_w[:, None] - 1)
+    y = top[:, None] + ((k // P) % P)[None, :]
+    x = left[:, None] + (k % P)[None, :]
     if one_tap:
         # The fraction is 0 everywhere, so the single tap at ``floor`` has weight exactly 1.
         step_y = (height // out_h)[:, None]

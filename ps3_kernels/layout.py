@@ -8,6 +8,7 @@ shapes makes no host-to-device copy and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import collections
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +16,7 @@ import torch
 
 _TABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_TABLES = 1024
+_LOCK = threading.Lock()
 
 
 def _flatten(data) -> tuple[tuple[int, ...], list[int]]:
@@ -34,7 +36,8 @@ def device_table(data, device: torch.device | str, dtype: torch.dtype = torch.in
 
     The result is shared between calls: treat it as read-only. Under ``torch.compile`` it is
     created in the graph instead (the graph holds it); in inference mode the cache is separate,
-    because inference tensors cannot be saved for a later backward.
+    because inference tensors cannot be saved for a later backward. A CUDA graph captured after a
+    warm-up call reads the cached tables, which the cache keeps alive (its last 1024 layouts).
     """
     device = torch.device(device)
     if torch.compiler.is_compiling():
@@ -43,14 +46,15 @@ def device_table(data, device: torch.device | str, dtype: torch.dtype = torch.in
         device = torch.device("cuda", torch.cuda.current_device())
     shape, values = _flatten(data)
     key = (shape, tuple(values), dtype, device, torch.is_inference_mode_enabled())
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(values, dtype=dtype).view(shape).to(device, non_blocking=True)
-        _TABLES[key] = table
-        if len(_TABLES) > _MAX_TABLES:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
+    with _LOCK:
+        table = _TABLES.get(key)
+        if table is None:
+            table = torch.tensor(values, dtype=dtype).view(shape).to(device, non_blocking=True)
+            _TABLES[key] = table
+            if len(_TABLES) > _MAX_TABLES:
+                _TABLES.popitem(last=False)
+        else:
+            _TABLES.move_to_end(key)
     return table
 
 

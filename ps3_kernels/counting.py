@@ -15,7 +15,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ATen ops that allocate or alias but launch no kernel.

@@ -131,6 +131,7 @@ class PackedSequences:
         own = seq[:, None] == seq[None, :]
         if num_prefixes == 0 or prefix_len == 0:
             return torch.cat([own.new_zeros(own.shape[0], num_prefixes * prefix_len), own], dim=1)
-        index = self.prefix_index.long() if self.prefix_index is not None else torch.arange(self.num_seqs, device=seq.device)
+        index = (self.prefix_index.long() if self.prefix_index is not None
+                 else torch.arange(self.num_seqs, device=seq.device))
         rows = torch.arange(num_prefixes, device=seq.device).repeat_interleave(prefix_len)
         return torch.cat([index[seq][:, None] == rows[None, :], own], dim=1)

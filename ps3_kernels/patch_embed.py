@@ -64,7 +64,8 @@ def _image_list(images: Images) -> list[torch.Tensor]:
             raise ValueError(f"images must be a (B, C, H, W) tensor or a list of (C, H, W) tensors, "
                              f"got shape {tuple(images.shape)}")
         return list(images.unbind(0))
-    if not isinstance(images, (list, tuple)) or not all(isinstance(im, torch.Tensor) and im.dim() == 3 for im in images):
+    if not isinstance(images, (list, tuple)) or not all(
+            isinstance(im, torch.Tensor) and im.dim() == 3 for im in images):
         raise TypeError("images must be a (B, C, H, W) tensor or a list of (C, H, W) tensors")
     return list(images)
 
@@ -152,7 +153,8 @@ def _check_values(images, resized_sizes, tokens, patch, pos_table, pos_index, re
         scales = torch.tensor([len(s) for s in resized_sizes])[image]
         scale = host_values(tokens.scale, checked)
         _first_bad("tokens.scale", scale, scales, "the scales of the token's image")
-        grid = torch.tensor([[(h // patch, w // patch) for h, w in s] + [(0, 0)] * (max(map(len, resized_sizes)) - len(s))
+        num_scales = max(map(len, resized_sizes))
+        grid = torch.tensor([[(h // patch, w // patch) for h, w in s] + [(0, 0)] * (num_scales - len(s))
                              for s in resized_sizes]).view(len(images), -1, 2)[image, scale]
         _first_bad("tokens.row", host_values(tokens.row, checked), grid[:, 0], "the patch rows of its resized image")
         _first_bad("tokens.col", host_values(tokens.col, checked), grid[:, 1], "the patch columns of its resized image")

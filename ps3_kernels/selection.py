@@ -79,7 +79,8 @@ def _check_probs_args(feature, prompt, highres_feature, highres_prompt) -> None:
     named = {"feature": feature, "prompt": prompt}
     if highres_feature is not None:
         if not isinstance(highres_feature, torch.Tensor) or highres_feature.dim() != 4 or highres_feature.shape[0] != B:
-            raise ValueError(f"highres_feature must be ({B}, C2, H2, W2), got {getattr(highres_feature, 'shape', None)}")
+            raise ValueError(f"highres_feature must be ({B}, C2, H2, W2), "
+                             f"got {getattr(highres_feature, 'shape', None)}")
         if not isinstance(highres_prompt, torch.Tensor) or tuple(highres_prompt.shape) != (B, highres_feature.shape[1]):
             raise ValueError(f"highres_prompt must be ({B}, {highres_feature.shape[1]}), "
                              f"got {getattr(highres_prompt, 'shape', None)}")

@@ -447,7 +447,8 @@ def _attention_op(q, k, v, cu_seqlens, prefix_k, prefix_v, prefix_index, softmax
         prefix_index if has_prefix else cu_seqlens, block_seq, block_start,
         *_strides(q, k, v, prefix_k, prefix_v),
         total, num_heads, prefix_k.shape[0] if has_prefix else 1, prefix_k.shape[2] if has_prefix else 0,
-        softmax_scale * _LOG2E, HAS_PREFIX=has_prefix, HEAD_DIM=head_dim, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
+        softmax_scale * _LOG2E,
+        HAS_PREFIX=has_prefix, HEAD_DIM=head_dim, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse

@@ -63,15 +63,12 @@ def _check_look_count(name: str, value, allow_list: bool, batch: int):
         if len(value) != batch:
             raise ValueError(f"{name} as a list needs one entry per image ({batch}), got {len(value)}")
         return [_check_look_count(name, v, False, batch) for v in value]
-    expected = f"{name} must be an int >= 0 or 'all'{' or a per-image list' if allow_list else ''}, got {value!r}"
-    if isinstance(value, (bool, str)):
-        raise ValueError(expected)
     try:
-        count = operator.index(value)  # ints, numpy ints, 0-d integer tensors
+        count = -1 if isinstance(value, (bool, str)) else operator.index(value)  # ints, numpy ints, 0-d int tensors
     except TypeError:
-        raise ValueError(expected) from None
-    if count < 0:
-        raise ValueError(expected)
+        count = -1
+    if count < 0:  # the message is formatted only here: torch.compile cannot format a symbolic int
+        raise ValueError(f"{name} must be an int >= 0 or 'all'{' or a per-image list' if allow_list else ''}, got {value!r}")
     return count
 
 

@@ -106,3 +106,20 @@ def test_vision_forward_traces_as_one_graph(kwargs):
         ref = model(x, **kwargs)
     key = "last_hidden_state" if "num_look_close" in kwargs else "pooled_output"
     assert torch.equal(getattr(got, key), getattr(ref, key))
+
+
+def test_vision_forward_traces_with_dynamic_shapes_and_a_changed_look_count():
+    """With dynamic shapes dynamo passes ints such as ``num_look_close`` as symbolic ints: the
+    argument checks must trace them too (formatting one into an error message does not)."""
+    model = randomize_parameters_(PS3VisionModel(tiny_vision_config(depth=2, select_based_on_layer=[0, 1])), seed=3).eval()
+    x = torch.randn(2, 3, 224, 200)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    try:
+        with torch.no_grad(), use_backend("torch"):
+            for looks in (1, 2):
+                got, ref = compiled(x, num_look_close=looks), model(x, num_look_close=looks)
+                assert torch.equal(got.last_hidden_state, ref.last_hidden_state)
+                assert all(torch.equal(g, r) for g, r in zip(got.selection_maps, ref.selection_maps))
+    finally:
+        torch._dynamo.reset()

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modeling_ps3 import PS3VisionEncoder
-from .packing import group_by, resize_bicubic
+from .geometry import group_by, resize_bicubic
 
 POS_MODES = ("crop", "exact")
 

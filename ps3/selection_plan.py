@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from .validation import LookArgs
+
 
 def default_quotas(max_select_num: int, scales: list[int]) -> list[int]:
     """Split ``max_select_num`` over the high-res scales by pixel count; remainder to the last."""
@@ -95,3 +97,16 @@ def plan_looks(
         taken = [t + q for t, q in zip(taken, quotas)]
         plan.append(quotas)
     return plan
+
+
+def plan_batch(patches: list[list[int]], max_each: list[int], args: LookArgs, output_hidden_states: bool,
+               batched: bool) -> list[list[list[int]]]:
+    """Quotas ``[image][look][scale]`` of images with ``patches[b][s]`` patches per high-res scale.
+    Pre-training (``output_hidden_states=False``) looks once; in a ``(B, 3, H, W)`` batch the largest
+    ``only_select_first_n_scale`` bounds every image's looks, as upstream's does."""
+    if not output_hidden_states:
+        return [plan_looks(n, max_each, 1, None)[:1] for n in patches]
+    limit = max(args.first_n) if batched and args.first_n is not None else None
+    tokens = args.num_token_look_close if isinstance(args.num_token_look_close, list) else [args.num_token_look_close] * len(patches)
+    return [plan_looks(n, max_each, args.num_look_close, t, f, limit)
+            for n, t, f in zip(patches, tokens, args.first_n or [None] * len(patches))]

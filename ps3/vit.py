@@ -115,11 +115,30 @@ class VisionTrunk(nn.Module):
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
         self.attn_pool = AttentionPoolLatent(spec)
         self.grad_checkpointing = False
+        self._pos_cache: dict = {}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch (VILA calls it for ``ps3_grad_checkpointing``): recompute each block
         in backward instead of keeping its activations."""
         self.grad_checkpointing = enable
+
+    def pos_table(self, size: tuple[int, int]) -> torch.Tensor:
+        """``pos_embed`` resampled (bicubic, antialias, fp32) to a ``size`` grid, ``(h*w, C)``; cached per
+        size (upstream resamples every call) but not under torch.compile or while it needs gradients."""
+        pos, grid = self.pos_embed, self.grid_size
+        if size == (grid, grid):
+            return pos[0]
+        cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and pos.requires_grad)
+        key = (size, pos.data_ptr(), pos._version, pos.dtype, pos.device) if cacheable else None
+        if cacheable and key in self._pos_cache:
+            return self._pos_cache[key]
+        table = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=size, mode="bicubic", antialias=True)
+        table = table.permute(0, 2, 3, 1).reshape(size[0] * size[1], -1).to(pos.dtype)
+        if cacheable:  # one parameter version at a time
+            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[1:] == key[1:]}
+            self._pos_cache[key] = table
+        return table
 
     def forward(
         self,

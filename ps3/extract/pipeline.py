@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..demo import load_towers
 from ..image_processing_ps3 import PS3ImageProcessor
 from ..modeling_ps3 import PS3VisionEncoder, PS3VisionModel
+from ..outputs import pool_each
 from ..selection_plan import plan_looks
 from .shards import shard_name
 from .sources import Chunker, Failure, ImageInput, Pending, Sample, open_image, token_batches
@@ -44,7 +45,7 @@ def image_processor(folder: str | None, encoder: PS3VisionEncoder) -> PS3ImagePr
 
 class ImagePrep:
     """Decode, resize and count tokens in a DataLoader worker: the encoder's size rules
-    without its weights (the methods are the encoder's own, so the counts are the model's).
+    without its weights (its own :class:`~ps3.geometry.ScaleGeometry`, so the counts are the model's).
 
     With ``squash`` every image is resized to the processor's square size, as upstream's
     processor does; otherwise to the size the model gives it at its largest scale (longer
@@ -52,12 +53,8 @@ class ImagePrep:
     scale is the identity.
     """
 
-    image_size_scale_i = PS3VisionEncoder.image_size_scale_i
-    feature_size_scale_i = PS3VisionEncoder.feature_size_scale_i
-
     def __init__(self, encoder: PS3VisionEncoder, processor: PS3ImageProcessor, look: dict, squash: bool):
-        self.ps3_scales = list(encoder.ps3_scales)
-        self.patch_size = encoder.patch_size
+        self.geometry = encoder.geometry
         self.max_select_num_each_scale = list(encoder.max_select_num_each_scale)
         self.low_res_token_num = encoder.low_res_token_num
         self.processor = processor
@@ -67,11 +64,11 @@ class ImagePrep:
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         if self.squash:
             return tuple(self.processor.image_size)
-        return self.image_size_scale_i((height, width), len(self.ps3_scales) - 1)
+        return self.geometry.image_size((height, width), len(self.geometry.scales) - 1)
 
     def tokens(self, size: tuple[int, int]) -> int:
         """Encoder tokens of an image of ``size``: low-res plus every look's quota."""
-        patches = [h * w for h, w in (self.feature_size_scale_i(size, s) for s in range(1, len(self.ps3_scales)))]
+        patches = [h * w for h, w in self.geometry.highres_grids(size)]
         plan = plan_looks(patches, self.max_select_num_each_scale, self.look.get("num_look_close"), self.look.get("num_token_look_close"))
         return self.low_res_token_num + sum(map(sum, plan))
 
@@ -195,14 +192,11 @@ class FeatureEncoder:
         last = [layers[-1][0] for layers in out.hidden_states]
         feats: list[dict[str, torch.Tensor]] = [{} for _ in images]
         if "pooled" in self.names:
-            for f, p in zip(feats, self.encoder._pool(torch.stack([x[:low] for x in last]))):
+            for f, p in zip(feats, self.encoder.pool(torch.stack([x[:low] for x in last]))):
                 f["pooled"] = p
         high = [x[low:] for x in last]
         if "pooled_highres" in self.names and any(len(h) for h in high):
-            lengths = torch.tensor([len(h) for h in high], device=self.device)
-            padded = torch.nn.utils.rnn.pad_sequence(high, batch_first=True)
-            mask = torch.arange(padded.shape[1], device=self.device)[None] < lengths[:, None]
-            for f, p in zip(feats, self.encoder._pool(padded, mask)):
+            for f, p in zip(feats, pool_each(self.encoder.pool, high)):
                 f["pooled_highres"] = p
         if "tokens" in self.names:
             for b, f in enumerate(feats):

@@ -223,7 +223,7 @@ def token_batches(images: Iterable[Pending], budget: int) -> Iterator[list[Pendi
 
 
 def _take_batch(pool: list[Pending], budget: int) -> list[Pending]:
-    from ..packing import group_by
+    from ..geometry import group_by
 
     groups = sorted(group_by([im.shape for im in pool]).values(), key=lambda idx: -sum(pool[i].tokens for i in idx))
     taken, total = [], 0

@@ -86,18 +86,17 @@ class PS3VisionEncoder(nn.Module):
 
     def max_highres_token_num(self, x: torch.Tensor | tuple[int, int], only_select_first_n_scale=None) -> int:
         n = len(self.ps3_scales) - 1 if only_select_first_n_scale is None else max(only_select_first_n_scale)
-        return sum(h * w for h, w in self.geometry.highres_grids(x.shape[-2:] if isinstance(x, torch.Tensor) else x)[:n])
+        grids = self.geometry.highres_grids(x.shape[-2:] if isinstance(x, torch.Tensor) else x)
+        return sum(h * w for h, w in grids[:n])
 
     # ----- trunk passes -----
 
     def _pos_table(self, size: tuple[int, int]) -> torch.Tensor:
         grid = self.trunk.grid_size
         if size != (grid, grid) and not self.config.dynamic_img_size:
-            raise ValueError(
-                f"config.dynamic_img_size is off, so the trunk's position embedding only fits its {grid}x{grid} grid "
-                f"(img_size {self.spec.img_size}), but this input needs {size[0]}x{size[1]}; upstream's timm trunk "
-                "refuses such inputs too. Set dynamic_img_size=True to resample it."
-            )
+            raise ValueError(f"config.dynamic_img_size is off, so the trunk's position embedding only fits its {grid}x{grid} "
+                             f"grid (img_size {self.spec.img_size}), but this input needs {size[0]}x{size[1]}; upstream's "
+                             "timm trunk refuses such inputs too. Set dynamic_img_size=True to resample it.")
         return self.trunk.pos_table(size)
 
     def pos_embed_for_grid(self, h: int, w: int, exact: bool = False) -> torch.Tensor:
@@ -137,20 +136,22 @@ class PS3VisionEncoder(nn.Module):
         """The selected patches embedded (sparse patch embed, position tables gathered per token)
         and run through the trunk as one packed batch, each look's sequence attending to its
         image's low-res K/V ``cache``. ``images``: the (B, 3, H, W) batch (read in place) or a list."""
-        grids, B = layout.grids, len(layout.grids)
-        sides = sorted({max(g) for gb in grids for g in gb})  # square tables, cropped per grid
+        side = [[max(g) for g in gb] for gb in layout.grids]  # each grid is cropped from a square table
+        sides = sorted({s for row in side for s in row})
         offset = dict(zip(sides, itertools.accumulate((s * s for s in sides), initial=0)))
         pos_table = torch.cat([self._pos_table((s, s)) for s in sides])
-        pos_index = layout.grid_index([[max(g) for g in gb] for gb in grids], [[offset[max(g)] for g in gb] for gb in grids])
+        pos_index = layout.grid_index(side, [[offset[s] for s in row] for row in side])
         res_table = res_index = None
         if self.config.separate_pos_emb:
             full = [s // self.patch_size for s in self.ps3_scales[1:]]
+            res_off = list(itertools.accumulate((f * f for f in full), initial=0))[:-1]
             res_table = torch.cat([r[0] for r in self.pos_emb_residual])
-            res_index = layout.grid_index([full] * B, [list(itertools.accumulate((f * f for f in full), initial=0))[:-1]] * B)
-        hw = [images.shape[-2:]] * B if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
+            res_index = layout.grid_index([full] * len(side), [res_off] * len(side))
+        hw = [images.shape[-2:]] * len(side) if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj
-        tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos_table, pos_index, res_table, res_index)
+        tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos_table, pos_index,
+                                    res_table, res_index)
         seqs = PackedSequences.from_lengths(layout.lengths, tokens.device, prefix_index=layout.seq_image)
         return self.trunk(tokens, seqs, prefix=cache, keep_layers=keep)
 
@@ -169,7 +170,7 @@ class PS3VisionEncoder(nn.Module):
         feats = feats.transpose(1, 2).reshape(len(images), self.width, g, g)
         highres = None
         if self.config.highres_selection_feature:
-            highres = self.highres_selection_feature_module(resize_all(images, (HIGHRES_SELECTION_SIZE, HIGHRES_SELECTION_SIZE)))
+            highres = self.highres_selection_feature_module(resize_all(images, (HIGHRES_SELECTION_SIZE,) * 2))
 
         def probs_for(p: torch.Tensor) -> torch.Tensor:
             hp = None if highres is None else self.prompt_proj_for_highres(p)[:, : self.config.highres_selection_module_out_dim]
@@ -207,8 +208,7 @@ class PS3VisionEncoder(nn.Module):
         no_look = output_hidden_states and (num_look_close == 0 or num_token_look_close == 0)
 
         # 1. Low-res pass: every image at the first scale; each layer's K/V is kept for the looks.
-        s0 = self.ps3_scales[0]
-        low_hidden, cache = self.encode_dense(resize_all(images, (s0, s0)), return_kv=not no_look)
+        low_hidden, cache = self.encode_dense(resize_all(images, (self.ps3_scales[0],) * 2), return_kv=not no_look)
         # 2. Selection scoring: each patch's probability at every high-res scale.
         probs = self._selection_probs(images, low_hidden, grids, args, smooth_selection_prob)
         if no_look:

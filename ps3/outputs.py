@@ -32,7 +32,7 @@ class PS3VisionModelOutput(BaseModelOutputWithNoAttention):
 
 
 def join_layer(low: torch.Tensor, high: torch.Tensor, counts: list[int], batched: bool):
-    """Low-res ``(B, n, C)`` then each image's ``counts[b]`` high-res tokens: ``(B, N, C)``, or per image ``(1, N_b, C)``."""
+    """Low-res ``(B, n, C)`` then each image's ``counts[b]`` high-res tokens: ``(B, N, C)``, or ``(1, N_b, C)`` each."""
     if batched:  # equal counts: one copy, no per-image pieces
         if len(set(counts)) > 1:
             raise ValueError(f"the images of this batch select different numbers of tokens {counts} (upstream fails here "
@@ -77,7 +77,8 @@ def assemble(batched: bool, layers: list | None, pooled, maps: PerScale | None, 
     )
 
 
-def feature_maps(features: torch.Tensor, selection_maps: list[torch.Tensor], low_grid: int, num_high: int) -> list[torch.Tensor]:
+def feature_maps(features: torch.Tensor, selection_maps: list[torch.Tensor], low_grid: int,
+                 num_high: int) -> list[torch.Tensor]:
     """Scatter ``(B, N, C)`` features (the ``low_grid`` x ``low_grid`` low-res tokens first) into
     zero-filled ``(B, C, h, w)`` maps per scale (``PS3VisionEncoder.format_features_into_feature_maps``)."""
     if not isinstance(features, torch.Tensor) or features.dim() != 3:
@@ -92,11 +93,12 @@ def feature_maps(features: torch.Tensor, selection_maps: list[torch.Tensor], low
             raise ValueError(f"selection_maps[{i}] must be a (B={B}, h, w) tensor like features' batch, got {shape}")
         if m.device != features.device:
             raise ValueError(f"selection_maps[{i}] is on {m.device} but features are on {features.device}")
-    masks = [torch.ones(B, low_grid, low_grid, device=features.device, dtype=torch.bool)] + [m.bool() for m in selection_maps]
+    masks = [torch.ones(B, low_grid, low_grid, device=features.device, dtype=torch.bool), *(m.bool() for m in selection_maps)]
     flat = torch.cat([m.flatten(1) for m in masks], dim=1)
     counts = flat.sum(1)
     if not torch.all(counts == N):
         raise ValueError(f"features has {N} tokens per image but the selection maps select {counts.tolist()}")
     full = features.new_zeros(B, flat.shape[1], C)
     full[flat] = features.reshape(-1, C)
-    return [part.transpose(1, 2).reshape(B, C, *m.shape[1:]) for part, m in zip(full.split([m[0].numel() for m in masks], dim=1), masks)]
+    parts = full.split([m[0].numel() for m in masks], dim=1)
+    return [part.transpose(1, 2).reshape(B, C, *m.shape[1:]) for part, m in zip(parts, masks)]

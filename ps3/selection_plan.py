@@ -107,6 +107,7 @@ def plan_batch(patches: list[list[int]], max_each: list[int], args: LookArgs, ou
     if not output_hidden_states:
         return [plan_looks(n, max_each, 1, None)[:1] for n in patches]
     limit = max(args.first_n) if batched and args.first_n is not None else None
-    tokens = args.num_token_look_close if isinstance(args.num_token_look_close, list) else [args.num_token_look_close] * len(patches)
+    tokens = args.num_token_look_close
+    tokens = tokens if isinstance(tokens, list) else [tokens] * len(patches)
     return [plan_looks(n, max_each, args.num_look_close, t, f, limit)
             for n, t, f in zip(patches, tokens, args.first_n or [None] * len(patches))]

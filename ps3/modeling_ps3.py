@@ -391,6 +391,7 @@ class PS3VisionEncoder(nn.Module):
         smooth_selection_prob: bool = False,
         only_select_first_n_scale=None,
         output_look_maps: bool = False,
+        select_num_each_scale=None,
     ) -> PS3VisionModelOutput:
         images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
         if not isinstance(output_look_maps, bool):
@@ -404,6 +405,7 @@ class PS3VisionEncoder(nn.Module):
         args = check_look_args(
             images, batched, self.width, len(self.ps3_scales) - 1, prompt, gt_selection_maps, is_global_text,
             output_hidden_states, pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
+            select_num_each_scale,
         )
         smooth_selection_prob = check_flag("smooth_selection_prob", smooth_selection_prob)
         B = len(images)
@@ -459,15 +461,16 @@ class PS3VisionEncoder(nn.Module):
     def _plans(self, images, args: LookArgs, output_hidden_states: bool, batched: bool):
         first_n = args.first_n
         limit = max(first_n) if (batched and first_n is not None) else None
+        quotas = self.max_select_num_each_scale if args.quotas is None else args.quotas
         plans = []
         for b, im in enumerate(images):
             n = [h * w for h, w in (self.feature_size_scale_i(im, s) for s in range(1, len(self.ps3_scales)))]
             if output_hidden_states:
                 tokens = args.num_token_look_close[b] if isinstance(args.num_token_look_close, list) else args.num_token_look_close
-                plan = plan_looks(n, self.max_select_num_each_scale, args.num_look_close, tokens,
+                plan = plan_looks(n, quotas, args.num_look_close, tokens,
                                   first_n[b] if first_n is not None else None, limit)
             else:
-                plan = plan_looks(n, self.max_select_num_each_scale, 1, None)[:1]
+                plan = plan_looks(n, quotas, 1, None)[:1]
             plans.append(plan)
         return plans
 
@@ -632,20 +635,22 @@ class PS3VisionModel(PS3PreTrainedModel):
         pool_gt_token_only=False,
         output_hidden_states=True,
         output_look_maps=False,
+        select_num_each_scale=None,
     ) -> PS3VisionModelOutput:
         """Encode images: the low-res view, then ``num_look_close`` high-res looks.
 
         ``pixel_values`` is ``(B, 3, H, W)`` or a list of ``(3, H, W)`` images of any sizes
         (encoded as one packed batch; outputs are then per-image lists). See the README for
         every argument; they mean what they mean upstream. ``output_look_maps`` (not
-        upstream's) also returns which look selected each patch.
+        upstream's) also returns which look selected each patch; ``select_num_each_scale`` (VILA's
+        knob) replaces the config's per-look quota per high-res scale for this call only.
         """
         return self.vision_model(
             pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps, is_global_text=is_global_text,
             output_hidden_states=output_hidden_states, pool_gt_token_only=pool_gt_token_only,
             num_look_close=num_look_close, num_token_look_close=num_token_look_close,
             smooth_selection_prob=smooth_selection_prob, only_select_first_n_scale=only_select_first_n_scale,
-            output_look_maps=output_look_maps,
+            output_look_maps=output_look_maps, select_num_each_scale=select_num_each_scale,
         )
 
 

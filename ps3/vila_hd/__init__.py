@@ -1,0 +1,31 @@
+"""VILA-HD around PS3, under VILA's module and parameter names so its checkpoints load unchanged.
+
+``tower`` is VILA's PS3 vision tower, ``projector`` its ``mm_projector`` (token MLP, top-down
+prompt head, high-res embeddings), ``settings`` the look-close knobs, ``tokens`` the image
+placeholders in ``input_ids``, ``pipeline`` the two-pass driver and ``loading`` the reader of
+VILA-HD checkpoint folders.
+"""
+
+from .loading import load_vila_hd
+from .pipeline import VilaHDInputs, VilaHDPipeline
+from .projector import DOWNSAMPLE_RATIO, TokenDownsample, VilaHDProjector, downsample_tokens
+from .settings import LookCloseSettings, first_n_scales_for_sizes, parse_look_close_env, resolve_look_close_settings
+from .tokens import IMAGE_TOKEN_INDEX, tokenize_with_images
+from .tower import PS3VisionTower
+
+__all__ = [
+    "DOWNSAMPLE_RATIO",
+    "IMAGE_TOKEN_INDEX",
+    "LookCloseSettings",
+    "PS3VisionTower",
+    "TokenDownsample",
+    "VilaHDInputs",
+    "VilaHDPipeline",
+    "VilaHDProjector",
+    "downsample_tokens",
+    "first_n_scales_for_sizes",
+    "load_vila_hd",
+    "parse_look_close_env",
+    "resolve_look_close_settings",
+    "tokenize_with_images",
+]

@@ -14,18 +14,7 @@ from .tokens import IMAGE_TOKEN_INDEX, tokenize_with_images
 from .tower import PS3VisionTower
 
 __all__ = [
-    "DOWNSAMPLE_RATIO",
-    "IMAGE_TOKEN_INDEX",
-    "LookCloseSettings",
-    "PS3VisionTower",
-    "TokenDownsample",
-    "VilaHDInputs",
-    "VilaHDPipeline",
-    "VilaHDProjector",
-    "downsample_tokens",
-    "first_n_scales_for_sizes",
-    "load_vila_hd",
-    "parse_look_close_env",
-    "resolve_look_close_settings",
-    "tokenize_with_images",
+    "DOWNSAMPLE_RATIO", "IMAGE_TOKEN_INDEX", "LookCloseSettings", "PS3VisionTower", "TokenDownsample", "VilaHDInputs",
+    "VilaHDPipeline", "VilaHDProjector", "downsample_tokens", "first_n_scales_for_sizes", "load_vila_hd",
+    "parse_look_close_env", "resolve_look_close_settings", "tokenize_with_images",
 ]

@@ -19,8 +19,6 @@ from .projector import DOWNSAMPLE_RATIO, VilaHDProjector
 from .settings import LookCloseSettings, config_value, parse_dtype
 from .tower import PS3VisionTower
 
-__all__ = ["load_vila_hd"]
-
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A Hugging Face weights folder: ``model.safetensors``, a sharded safetensors index, or

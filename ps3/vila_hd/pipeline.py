@@ -22,8 +22,6 @@ from .tokens import IMAGE_TOKEN_INDEX, user_turn_end_ids
 if TYPE_CHECKING:
     from .tower import PS3VisionTower
 
-__all__ = ["VilaHDInputs", "VilaHDPipeline"]
-
 
 @dataclass
 class VilaHDInputs:

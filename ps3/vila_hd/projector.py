@@ -21,8 +21,6 @@ from .settings import config_value
 DOWNSAMPLE_RATIO = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
 PROMPT_HEAD_TYPES = ("linear", "mlp")
 
-__all__ = ["DOWNSAMPLE_RATIO", "TokenDownsample", "VilaHDProjector", "downsample_tokens"]
-
 
 def downsample_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
     """``(B, H, W, C) -> (B, ceil(H/r), ceil(W/r), r*r*C)``: each r x r block concatenated in

@@ -12,15 +12,6 @@ import torch
 
 LOOK_CLOSE_MODES = ("after_prompt", "after_image")
 
-__all__ = [
-    "LookCloseSettings",
-    "config_value",
-    "first_n_scales_for_sizes",
-    "parse_dtype",
-    "parse_look_close_env",
-    "resolve_look_close_settings",
-]
-
 
 def config_value(config: Any, key: str, default: Any = None) -> Any:
     """``config[key]`` for mappings, ``config.key`` for config objects; None counts as unset

@@ -9,8 +9,6 @@ import torch
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id for an image in ``input_ids``
 
-__all__ = ["IMAGE_TOKEN_INDEX", "tokenize_with_images", "user_turn_end_ids"]
-
 
 def tokenize_with_images(tokenizer, question: str, num_images: int = 1, image_token_id: int = IMAGE_TOKEN_INDEX,
                          image_token: str = "<image>") -> torch.Tensor:

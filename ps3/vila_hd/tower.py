@@ -16,8 +16,6 @@ from ..image_processing_ps3 import PS3ImageProcessor
 from ..modeling_ps3 import PS3VisionEncoder, PS3VisionModel
 from .settings import config_value, parse_dtype
 
-__all__ = ["PS3VisionTower"]
-
 SELECT_FEATURES = ("cls_patch",)  # PS3 has no class token: VILA-HD keeps every token
 
 

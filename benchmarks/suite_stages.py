@@ -34,7 +34,7 @@ import bench_selection
 import bench_varlen_attention
 from launch_variants import VARIANTS, describe, use_variant
 from ps3 import bench as ps3_bench
-from ps3.bench.harness import cuda_event_ms, error_text, gpu_ms, is_oom
+from ps3.bench.harness import cuda_event_ms, error_text, gpu_ms, is_oom, wall_ms
 from ps3_kernels import use_backend
 from ps3_kernels.backend import triton_interpreted
 from ps3_kernels.varlen_attention import available_impls, prepare_impl, varlen_prefix_attention
@@ -205,20 +205,14 @@ def run_stage(ctx: StageContext) -> bool:
 def bench_ms(ctx: StageContext, fn: Callable[[], Any], grad_to_none: list[torch.Tensor] | None = None) -> float:
     """Median ms of ``triton.testing.do_bench`` on the GPU; on the CPU (dry run: the plumbing, not
     the numbers) one timed call."""
-    if ctx.cuda:
-        return gpu_ms(fn, grad_to_none)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return gpu_ms(fn, grad_to_none) if ctx.cuda else wall_ms(fn)
 
 
 def call_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int = 0, reps: int = 0) -> tuple[float, str]:
     """Median ms of whole-model calls (``ps3.bench.run_method``'s timer hook): events around each
     call, as many calls as fit in about a second (3 to 20); the peak-memory call before it warmed up."""
     if not x.is_cuda:
-        start = time.perf_counter()
-        fn(x)
-        return (time.perf_counter() - start) * 1e3, "perf_counter (one call)"
+        return wall_ms(lambda: fn(x)), "perf_counter (one call)"
     first = cuda_event_ms(lambda: fn(x))
     n = max(3, min(20, int(1000 / max(first, 1e-3))))
     return statistics.median([first] + [cuda_event_ms(lambda: fn(x)) for _ in range(n - 1)]), f"cuda_events x{n}"

@@ -1,7 +1,7 @@
 """ps3-bench from an installed copy of the package, away from the repository: the upstream worker
 and the shared harness ship inside ``ps3.bench``, the worker runs from there under upstream's
-interpreter (here a stand-in for upstream's ``ps3``), and it refuses this project's ``ps3``.
-CI time: about 15 s on 2 idle cores (the wheel build is skipped where setuptools cannot build one
+interpreter (here a stand-in for upstream's ``ps3``), and it refuses this project's ``ps3``; the
+op scripts' shared helpers. CI time: about 15 s on 2 idle cores (the wheel build is skipped where setuptools cannot build one
 offline)."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from ps3 import bench
+from ps3.bench import harness
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,3 +137,16 @@ def test_the_worker_refuses_this_projects_ps3(installed):
     records = [bench.empty_record(opts, {}, "upstream-ps3-1", 756, 1, preset.dtype)]
     bench.run_upstream(opts, preset, bench.model_config(preset, 756), 756, ["upstream-ps3-1"], records)
     assert records[0]["status"] == "failed" and "found this project" in records[0]["error"], records[0]["error"]
+
+
+def test_op_script_helpers(tmp_path):
+    """The op benchmarks' shared arguments, and their results file written before a correctness miss exits."""
+    args = harness.op_parser("Doc.\n\nMore.", batches=[1, 4], resolutions=[1512], dtype="float32").parse_args(["--out", "r.json"])
+    assert (args.out, args.batches, args.resolutions, args.dtype) == ("r.json", [1, 4], [1512], "float32")
+    assert not hasattr(harness.op_parser("Doc.", batches=[1]).parse_args(["--out", "r.json"]), "dtype")
+    path = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="off by 2 in: a, b"):
+        harness.write_results(path, {"dtype": "float32"}, [{"x": 1}], ["a", "b"], "off by 2")
+    written = json.loads(path.read_text())
+    assert written["results"] == [{"x": 1}] and written["meta"]["dtype"] == "float32" and written["meta"]["torch"]
+    assert harness.measure_latency(lambda x: x + 1, torch.zeros(2), warmup=1, reps=3)[1] == "perf_counter"

@@ -467,8 +467,7 @@ class PS3VisionEncoder(nn.Module):
             n = [h * w for h, w in (self.feature_size_scale_i(im, s) for s in range(1, len(self.ps3_scales)))]
             if output_hidden_states:
                 tokens = args.num_token_look_close[b] if isinstance(args.num_token_look_close, list) else args.num_token_look_close
-                plan = plan_looks(n, quotas, args.num_look_close, tokens,
-                                  first_n[b] if first_n is not None else None, limit)
+                plan = plan_looks(n, quotas, args.num_look_close, tokens, first_n[b] if first_n is not None else None, limit)
             else:
                 plan = plan_looks(n, quotas, 1, None)[:1]
             plans.append(plan)

@@ -87,16 +87,11 @@ def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
 
 
 def _check_quotas(value, num_high: int) -> list[int]:
-    expected = f"select_num_each_scale must hold one int >= 0 per high-res scale ({num_high}), got {value!r}"
-    if not isinstance(value, (list, tuple)) or len(value) != num_high:
-        raise ValueError(expected)
-    try:
-        quotas = [operator.index(q) for q in value if not isinstance(q, bool)]
-    except TypeError:
-        raise ValueError(expected) from None
-    if len(quotas) != num_high or min(quotas) < 0:
-        raise ValueError(expected)
-    return quotas
+    if isinstance(value, (list, tuple)) and len(value) == num_high and all(
+        isinstance(q, (int, np.integer)) and not isinstance(q, bool) and q >= 0 for q in value
+    ):
+        return [int(q) for q in value]
+    raise ValueError(f"select_num_each_scale must hold one int >= 0 per high-res scale ({num_high}), got {value!r}")
 
 
 def check_flag(name: str, value) -> bool:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -317,12 +318,12 @@ def run_upstream(
 
 
 def _progress(total: int):
+    """A tqdm bar on stderr, or a stand-in that shows nothing when tqdm is not installed."""
     try:
         from tqdm import tqdm
-
-        return tqdm(total=total, desc="ps3-bench", unit="run", file=sys.stderr)
     except ImportError:
-        return None
+        return SimpleNamespace(update=lambda n=1: None, set_postfix_str=lambda text: None, close=lambda: None)
+    return tqdm(total=total, desc="ps3-bench", unit="run", file=sys.stderr)
 
 
 def run(opts: Options) -> list[dict[str, Any]]:
@@ -346,12 +347,10 @@ def run(opts: Options) -> list[dict[str, Any]]:
                 gen = torch.Generator(device=preset.device).manual_seed(opts.seed)
                 x = torch.randn(B, 3, R, R, generator=gen, device=preset.device).to(preset.dtype)
             for method in ours:
-                if bar is not None:
-                    bar.set_postfix_str(f"{method} {R}px x{B}")
+                bar.set_postfix_str(f"{method} {R}px x{B}")
                 rec = empty_record(opts, env, method, R, B, preset.dtype)
                 records.append(run_method(rec, method, run_model, meta_model, x, opts.warmup, opts.reps))
-                if bar is not None:
-                    bar.update()
+                bar.update()
             for method in upstream:
                 upstream_records.append(empty_record(opts, env, method, R, B, preset.dtype))
                 records.append(upstream_records[-1])
@@ -360,13 +359,10 @@ def run(opts: Options) -> list[dict[str, Any]]:
         if preset.device == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the upstream subprocess needs the memory this process caches
         if upstream:
-            if bar is not None:
-                bar.set_postfix_str(f"upstream {R}px")
+            bar.set_postfix_str(f"upstream {R}px")
             run_upstream(opts, preset, config, R, upstream, upstream_records)
-            if bar is not None:
-                bar.update(len(upstream_records))
-    if bar is not None:
-        bar.close()
+            bar.update(len(upstream_records))
+    bar.close()
     return records
 
 

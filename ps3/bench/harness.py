@@ -48,6 +48,13 @@ def gpu_ms(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None = 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def wall_ms(fn: Callable[[], Any]) -> float:
+    """Ms of one ``fn()`` call by ``time.perf_counter``."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def cuda_event_ms(fn: Callable[[], Any]) -> float:
     """Ms of one ``fn()`` call between two CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -75,12 +82,7 @@ def measure_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: 
         return statistics.median(cuda_event_ms(lambda: fn(x)) for _ in range(max(reps, 1))), "cuda_events"
     for _ in range(warmup):
         fn(x)
-    times = []
-    for _ in range(max(reps, 1)):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), "perf_counter"
+    return statistics.median(wall_ms(lambda: fn(x)) for _ in range(max(reps, 1))), "perf_counter"
 
 
 def _proc_status_kb(field: str) -> int:

@@ -1,16 +1,11 @@
-"""VILA-HD around PS3, under VILA's module and parameter names so its checkpoints load unchanged.
-
-``tower`` is VILA's PS3 vision tower, ``projector`` its ``mm_projector`` (token MLP, top-down
-prompt head, high-res embeddings), ``settings`` the look-close knobs, ``tokens`` the image
-placeholders in ``input_ids``, ``pipeline`` the two-pass driver and ``loading`` the reader of
-VILA-HD checkpoint folders.
-"""
+"""VILA-HD around PS3, under VILA's module and parameter names so its checkpoints load unchanged:
+``tower`` (VILA's vision tower), ``projector`` (its ``mm_projector``), ``settings`` (the
+look-close knobs), ``pipeline`` (the two passes) and ``loading`` (checkpoint folders)."""
 
 from .loading import load_vila_hd
-from .pipeline import VilaHDInputs, VilaHDPipeline
+from .pipeline import IMAGE_TOKEN_INDEX, VilaHDInputs, VilaHDPipeline, tokenize_with_images
 from .projector import DOWNSAMPLE_RATIO, TokenDownsample, VilaHDProjector, downsample_tokens
 from .settings import LookCloseSettings, first_n_scales_for_sizes, parse_look_close_env, resolve_look_close_settings
-from .tokens import IMAGE_TOKEN_INDEX, tokenize_with_images
 from .tower import PS3VisionTower
 
 __all__ = [

@@ -83,16 +83,6 @@ def _load_projector(folder: Path, config: dict, encoder: PS3VisionEncoder) -> Vi
     return projector
 
 
-def _load_llm(folder: Path, tokenizer: Any, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
-    """The LLM from ``llm/``, and its tokenizer when none is given and the folder has one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    llm = AutoModelForCausalLM.from_pretrained(folder, **({} if dtype is None else {"dtype": dtype}))
-    if tokenizer is None and (folder / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    return llm, tokenizer
-
-
 def load_vila_hd(
     folder: str | os.PathLike,
     *,
@@ -126,7 +116,12 @@ def load_vila_hd(
     if load_dtype is not None:
         projector.to(load_dtype)
     if llm is None:
-        llm, tokenizer = _load_llm(_subfolder(root, config, "llm"), tokenizer, load_dtype)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        llm_dir = _subfolder(root, config, "llm")
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, **({} if load_dtype is None else {"dtype": load_dtype}))
+        if tokenizer is None and (llm_dir / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     for module in (tower, projector, llm):
         if device is not None:
             module.to(device)

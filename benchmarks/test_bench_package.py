@@ -1,8 +1,8 @@
 """ps3-bench from an installed copy of the package, away from the repository: the upstream worker
 and the shared harness ship inside ``ps3.bench``, the worker runs from there under upstream's
-interpreter (here a stand-in for upstream's ``ps3``), and it refuses this project's ``ps3``; the
-op scripts' shared helpers. CI time: about 15 s on 2 idle cores (the wheel build is skipped where setuptools cannot build one
-offline)."""
+interpreter (here a stand-in for upstream's ``ps3``) and refuses this project's ``ps3``; and the
+op scripts' shared helpers. CI time: about 15 s on 2 idle cores (the wheel build is skipped where
+setuptools cannot build a wheel offline)."""
 
 from __future__ import annotations
 

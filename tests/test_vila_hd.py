@@ -568,10 +568,11 @@ def test_interleaved_calls_with_different_quotas_match_serial_ones(tower, llm, m
     quotas = {"a": [8, 8], "b": [2, 20]}
 
     def run(q):
-        with torch.no_grad(), use_backend("torch"):
+        with torch.no_grad():  # grad mode is per thread; the backend (set below) is the process's
             return pipe.prepare_inputs(x, ids, look_close_mode="after_image", num_look_close=1, select_num_each_scale=q)
 
-    serial = {k: run(q) for k, q in quotas.items()}
+    with use_backend("torch"):
+        serial = {k: run(q) for k, q in quotas.items()}
     for k, q in quotas.items():
         assert [int(m.sum()) for m in serial[k].selection_maps] == q
 
@@ -590,7 +591,7 @@ def test_interleaved_calls_with_different_quotas_match_serial_ones(tower, llm, m
 
     hook = encoder.selection_feature_proj.register_forward_hook(meet)
     try:
-        with ThreadPoolExecutor(len(quotas)) as pool:
+        with use_backend("torch"), ThreadPoolExecutor(len(quotas)) as pool:
             futures = {k: pool.submit(run, q) for k, q in quotas.items()}
             threaded = {k: f.result(timeout=120) for k, f in futures.items()}
     finally:

@@ -55,7 +55,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from launch_variants import VARIANTS, Variant, describe, use_variant  # noqa: E402
-from ps3.bench import environment, scale_set  # noqa: E402
+from ps3.bench import scale_set  # noqa: E402
+from ps3.bench.harness import environment  # noqa: E402
 from ps3.selection_plan import default_quotas  # noqa: E402
 from ps3_kernels import assign_looks, selection_probs, sparse_patch_embed, use_backend, varlen_prefix_attention  # noqa: E402
 from ps3_kernels.patch_embed import PatchTokens  # noqa: E402

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ps3.bench import environment
+from ps3.bench.harness import environment
 from ps3.extract import main as extract
 
 # (height, width). No landscape size has the transposed token grid of a portrait one: a list

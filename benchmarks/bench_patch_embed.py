@@ -16,16 +16,14 @@ non-zero weight, each pixel once), weight, bias, the table rows used, token indi
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ps3.bench import environment, scale_set
+from ps3.bench import scale_set
+from ps3.bench.harness import gpu_ms, op_parser, require_cuda, write_results
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.patch_embed import PatchTokens, sparse_patch_embed
@@ -129,17 +127,10 @@ def _peak(device_name: str) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[1512, 3780])
+    parser = op_parser(__doc__, batches=[1, 4, 16], resolutions=[1512, 3780], dtype="bfloat16")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1280, 2560], help="selected tokens per image")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_patch_embed.py times CUDA kernels and needs a CUDA GPU; none is visible.")
-    import triton.testing
-
+    require_cuda("bench_patch_embed.py")
     dtype = getattr(torch, args.dtype)
     tol = 1e-2 if dtype != torch.float32 else 1e-5  # relative error against upstream's way
     device_name = torch.cuda.get_device_name()
@@ -153,8 +144,8 @@ def main() -> None:
                     got = sparse_embed(case)
                     ref = upstream_embed(case)
                     err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-                    t_up = triton.testing.do_bench(lambda: upstream_embed(case), return_mode="median")
-                    t_ours = triton.testing.do_bench(lambda: sparse_embed(case), return_mode="median")
+                    t_up = gpu_ms(lambda: upstream_embed(case))
+                    t_ours = gpu_ms(lambda: sparse_embed(case))
                 floor = floor_bytes(case)
                 flops = 2 * len(case["tokens"]) * case["weight"][0].numel() * case["weight"].shape[0]
                 row = dict(
@@ -170,13 +161,9 @@ def main() -> None:
                       f"{row['achieved_bytes_per_s'] / 1e9:7.1f} GB/s of floor  err {err:.1e}")
                 del case
                 torch.cuda.empty_cache()
-    meta = dict(environment("cuda"), dtype=args.dtype, peak_bytes_per_s=peak)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
-    print(f"wrote {args.out}")
     wrong = [f"{r['resolution']}px/{r['tokens_per_image']} tokens/B={r['batch']}" for r in rows if not r["ok"]]
-    if wrong:  # after writing: a correctness miss must not lose the timings
-        sys.exit(f"kernel off upstream's way by more than {tol} in: {', '.join(wrong)}")
+    write_results(args.out, dict(dtype=args.dtype, peak_bytes_per_s=peak), rows, wrong,
+                  f"kernel off upstream's way by more than {tol}")
 
 
 if __name__ == "__main__":

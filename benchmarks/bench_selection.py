@@ -14,15 +14,13 @@ first high-res scale's map nearest-upsampled to every scale (ties), default quot
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ps3.bench import environment, scale_set
+from ps3.bench import scale_set
+from ps3.bench.harness import gpu_ms, op_parser, require_cuda, write_results
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.selection import assign_looks, selection_probs
@@ -102,18 +100,11 @@ def _graph_ms(fn: Callable[[], Any]) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[1512, 3780])
+    parser = op_parser(__doc__, batches=[1, 4, 16], resolutions=[1512, 3780], dtype="float32")
     parser.add_argument("--tokens", type=int, default=2560, help="selected tokens per look and image")
     parser.add_argument("--looks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="float32")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_selection.py times CUDA kernels and needs a CUDA GPU; none is visible.")
-    import triton.testing
-
+    require_cuda("bench_selection.py")
     dtype = getattr(torch, args.dtype)
     rows = []
     for resolution in args.resolutions:
@@ -129,12 +120,12 @@ def main() -> None:
                     got = assign(scaled, case)
                     want = upstream_assign(scaled, case, stable=True)
                     assign_equal = all(torch.equal(g, w) for g, w in zip(got, want))
-                    t_score = triton.testing.do_bench(lambda: score(case), return_mode="median")
-                    t_assign = triton.testing.do_bench(lambda: assign(scaled, case), return_mode="median")
+                    t_score = gpu_ms(lambda: score(case))
+                    t_assign = gpu_ms(lambda: assign(scaled, case))
                     t_assign_graph = _graph_ms(lambda: assign(scaled, case))
                 with use_backend("torch"):
-                    t_score_ref = triton.testing.do_bench(lambda: score(case), return_mode="median")
-                t_loop = triton.testing.do_bench(lambda: upstream_assign(scaled, case), return_mode="median")
+                    t_score_ref = gpu_ms(lambda: score(case))
+                t_loop = gpu_ms(lambda: upstream_assign(scaled, case))
                 row = dict(
                     resolution=resolution, scales=scale_set(resolution), batch=batch, looks=looks,
                     quotas_per_look=[int(q[0, 0]) for q in case["quotas"]], max_abs_prob_err=prob_err,
@@ -149,14 +140,9 @@ def main() -> None:
                 print(f"{resolution:5d}px L={looks:<2d} B={batch:<3d} score {t_score_ref:.3f} -> {t_score:.3f} ms   "
                       f"assign {t_loop:8.3f} -> {t_assign:.3f} ms (graph {graph})   "
                       f"total x{row['total_speedup']:.1f}")
-    meta = dict(environment("cuda"), dtype=args.dtype, tokens_per_look=args.tokens)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
-    print(f"wrote {args.out}")
     wrong = [f"{r['resolution']}px/L={r['looks']}/B={r['batch']}" for r in rows if not r["ok"]]
-    if wrong:  # after writing: a correctness miss must not lose the timings
-        sys.exit("scoring off the reference by more than 2 eps, or assignment different from upstream's loop, "
-                 f"in: {', '.join(wrong)}")
+    write_results(args.out, dict(dtype=args.dtype, tokens_per_look=args.tokens), rows, wrong,
+                  "scoring off the reference by more than 2 eps, or assignment different from upstream's loop,")
 
 
 if __name__ == "__main__":

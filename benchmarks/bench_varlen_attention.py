@@ -19,14 +19,12 @@ backward recomputes more than that).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ps3.bench import environment
+from ps3.bench.harness import gpu_ms as timed
+from ps3.bench.harness import op_parser, require_cuda, write_results
 from ps3_kernels.varlen_attention import available_impls, prepare_impl, varlen_prefix_attention
 
 HEADS, HEAD_DIM, PREFIX_LEN, LOOK = 16, 72, 729, 2560
@@ -101,12 +99,6 @@ def check_grads(case: dict[str, Any]) -> dict[str, float]:
     return {n: (a.float() - b).abs().max().item() for n, a, b in zip(names, grads["triton"], grads["torch"])}
 
 
-def timed(fn: Callable[[], Any], leaves: list[torch.Tensor] | None = None) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, grad_to_none=leaves, return_mode="median")
-
-
 def bench_case(name: str, lengths: list[int], index: list[int], impls: list[str], dtype: torch.dtype,
                device: str = "cuda", **shape: int) -> list[dict]:
     """Check, then time every implementation on one case; ``shape`` overrides make_case's PS3 defaults."""
@@ -156,13 +148,10 @@ def bench_case(name: str, lengths: list[int], index: list[int], impls: list[str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser = op_parser(__doc__, batches=[1, 2, 4, 8, 16])
     parser.add_argument("--peers", nargs="*", default=None, help=f"subset of {PEERS} (default: all that import)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_varlen_attention.py times CUDA kernels and needs a CUDA GPU; none is visible.")
+    require_cuda("bench_varlen_attention.py")
 
     available = available_impls()
     peers = [p for p in (args.peers if args.peers is not None else PEERS) if p in available]
@@ -170,16 +159,11 @@ def main() -> None:
     records = []
     for name, lengths, index in cases(args.batches):
         records += bench_case(name, lengths, index, ["triton", *peers], torch.bfloat16)
-    meta = dict(environment("cuda"), dtype="bfloat16", heads=HEADS,
-                head_dim=HEAD_DIM, prefix_len=PREFIX_LEN, look=LOOK, peers=peers,
+    meta = dict(dtype="bfloat16", heads=HEADS, head_dim=HEAD_DIM, prefix_len=PREFIX_LEN, look=LOOK, peers=peers,
                 flops="fwd: 4*q_len*(P+k_len)*d*heads per sequence; fwd_bwd: 3.5x fwd",
                 triton_speedup="peer ms / triton ms, same case and mode")
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=records), f, indent=1)
-    print(f"wrote {args.out}")
     wrong = sorted({r["case"] for r in records if r["impl"] == "triton" and not r["ok"]})
-    if wrong:  # after writing: a correctness miss must not lose the timings
-        sys.exit(f"Triton output off the reference by more than {TRITON_TOL} in: {', '.join(wrong)}")
+    write_results(args.out, meta, records, wrong, f"Triton output off the reference by more than {TRITON_TOL}")
 
 
 if __name__ == "__main__":

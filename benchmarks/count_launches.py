@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 import ps3_kernels.backend  # noqa: E402
 from ps3 import PS3VisionConfig, PS3VisionModel  # noqa: E402
-from ps3.bench import environment  # noqa: E402
+from ps3.bench.harness import environment  # noqa: E402
 from ps3.demo import randomize_parameters_  # noqa: E402
 from ps3_kernels import use_backend  # noqa: E402
 from ps3_kernels.counting import count_launches  # noqa: E402

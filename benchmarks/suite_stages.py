@@ -34,6 +34,7 @@ import bench_selection
 import bench_varlen_attention
 from launch_variants import VARIANTS, describe, use_variant
 from ps3 import bench as ps3_bench
+from ps3.bench.harness import cuda_event_ms, error_text, gpu_ms, is_oom, wall_ms
 from ps3_kernels import use_backend
 from ps3_kernels.backend import triton_interpreted
 from ps3_kernels.varlen_attention import available_impls, prepare_impl, varlen_prefix_attention
@@ -159,15 +160,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 _STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
            "an illegal instruction")
 
@@ -202,7 +194,7 @@ def run_stage(ctx: StageContext) -> bool:
         ctx.finish("ok")
     except Exception as exc:  # noqa: BLE001 - a failed stage is a result
         ctx.log(traceback.format_exc())
-        ctx.finish("failed", _error(exc))
+        ctx.finish("failed", error_text(exc))
     ctx.log("done")
     return not _device_broken()
 
@@ -213,34 +205,17 @@ def run_stage(ctx: StageContext) -> bool:
 def bench_ms(ctx: StageContext, fn: Callable[[], Any], grad_to_none: list[torch.Tensor] | None = None) -> float:
     """Median ms of ``triton.testing.do_bench`` on the GPU; on the CPU (dry run: the plumbing, not
     the numbers) one timed call."""
-    if ctx.cuda:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return gpu_ms(fn, grad_to_none) if ctx.cuda else wall_ms(fn)
 
 
 def call_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int = 0, reps: int = 0) -> tuple[float, str]:
     """Median ms of whole-model calls (``ps3.bench.run_method``'s timer hook): events around each
     call, as many calls as fit in about a second (3 to 20); the peak-memory call before it warmed up."""
     if not x.is_cuda:
-        start = time.perf_counter()
-        fn(x)
-        return (time.perf_counter() - start) * 1e3, "perf_counter (one call)"
-
-    def once() -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    first = once()
+        return wall_ms(lambda: fn(x)), "perf_counter (one call)"
+    first = cuda_event_ms(lambda: fn(x))
     n = max(3, min(20, int(1000 / max(first, 1e-3))))
-    return statistics.median([first] + [once() for _ in range(n - 1)]), f"cuda_events x{n}"
+    return statistics.median([first] + [cuda_event_ms(lambda: fn(x)) for _ in range(n - 1)]), f"cuda_events x{n}"
 
 
 # ----------------------------------------------------------------------------- stage: environment
@@ -296,9 +271,9 @@ def _check_entry(ctx: StageContext, name: str, fn: Callable[[], dict[str, Any]],
         entry = dict(name=name, ok=ok and rec.pop("extra_ok", True), worst_rel_err=max(finite, default=None),
                      tol=tol, errors=errors, status="ok", **rec)
     except Exception as exc:  # noqa: BLE001 - a crash is a failed check
-        entry = dict(name=name, ok=False, worst_rel_err=None, status="failed", error=_error(exc))
+        entry = dict(name=name, ok=False, worst_rel_err=None, status="failed", error=error_text(exc))
         ctx.log(traceback.format_exc())
-        if _is_oom(exc):
+        if is_oom(exc):
             _free(ctx)
     entry["seconds"] = round(time.perf_counter() - start, 2)
     ctx.add("correctness", entry)
@@ -485,9 +460,9 @@ def _attempt(ctx: StageContext, fn: Callable[[], float]) -> tuple[float | None, 
     try:
         return fn(), None
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run a case is a result
-        if _is_oom(exc):
+        if is_oom(exc):
             _free(ctx)
-        return None, _error(exc)
+        return None, error_text(exc)
 
 
 def _attention_case(ctx: StageContext, batch: int) -> tuple[dict[str, Any], torch.Tensor, list[torch.Tensor], str]:
@@ -542,8 +517,8 @@ def _run_variants(ctx: StageContext, op: str, shape: str, time_one: Callable[[],
                     entry["ms"] = time_one() if entry["rel_err"] <= tol else None
                 entry["status"] = "ok" if entry["rel_err"] <= tol else "wrong"
             except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
-                entry.update(status="failed", error=_error(exc))
-                if _is_oom(exc):
+                entry.update(status="failed", error=error_text(exc))
+                if is_oom(exc):
                     _free(ctx)
         candidates.append(entry)
     timed = [c for c in candidates if c.get("ms")]
@@ -717,7 +692,7 @@ def end_to_end(ctx: StageContext) -> None:
         return inputs[batch]
 
     def ours(method: str, label: str, batch: int, looks: int | None, cost: float) -> None:
-        rec = ps3_bench._record(opts, env, method, R, batch, preset.dtype)
+        rec = ps3_bench.empty_record(opts, env, method, R, batch, preset.dtype)
         if not ctx.has_time(cost):
             rec.update(status="skipped", error=f"no time left (needs ~{cost:.0f} s)")
         else:
@@ -744,7 +719,7 @@ def upstream(ctx: StageContext, opts: ps3_bench.Options, preset: ps3_bench.Prese
     sh = ctx.shapes
     methods = [f"upstream-ps3-{n}" for n in sh.e2e_looks]
     env = ps3_bench.environment(preset.device if ctx.cuda else "cpu")
-    records = [ps3_bench._record(opts, env, m, R, b, preset.dtype) for b in sh.e2e_batches for m in methods]
+    records = [ps3_bench.empty_record(opts, env, m, R, b, preset.dtype) for b in sh.e2e_batches for m in methods]
     site, reason = _upstream_site(ctx, wait_s=min(30.0, max(ctx.left() - reserve, 0)))
     budget = ctx.left() - reserve
     if site is None or budget < 15:
@@ -806,7 +781,7 @@ def launch_overhead(ctx: StageContext) -> None:
                          status="ok" if diff <= 1e-2 else "wrong", error=None if diff <= 1e-2 else
                          f"replayed output off the eager one (rel err {diff:.2e})")
         except Exception as exc:  # noqa: BLE001 - a failed capture is the finding
-            entry.update(status="capture_failed", error=_error(exc))
+            entry.update(status="capture_failed", error=error_text(exc))
             ctx.log(traceback.format_exc())
     ctx.add("launch_overhead", entry)
 

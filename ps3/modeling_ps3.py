@@ -191,7 +191,7 @@ class PS3VisionEncoder(nn.Module):
     def forward(self, x, prompt: torch.Tensor | None = None, gt_selection_maps=None, is_global_text: torch.Tensor | None = None,
                 output_hidden_states: bool = False, pool_gt_token_only: bool = False, num_look_close=None,
                 num_token_look_close=None, smooth_selection_prob: bool = False, only_select_first_n_scale=None,
-                output_look_maps: bool = False) -> PS3VisionModelOutput:
+                output_look_maps: bool = False, select_num_each_scale=None) -> PS3VisionModelOutput:
         """PS3 in the order of its algorithm: low-res pass, selection scoring, looks, high-res pass, output."""
         images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
         if not isinstance(output_look_maps, bool):
@@ -202,7 +202,7 @@ class PS3VisionEncoder(nn.Module):
                             f"{weight.device}; move/cast them first (e.g. x.to(model.device, model.dtype))")
         args = check_look_args(images, batched, self.width, len(self.ps3_scales) - 1, prompt, gt_selection_maps,
                                is_global_text, output_hidden_states, pool_gt_token_only, num_look_close,
-                               num_token_look_close, only_select_first_n_scale)
+                               num_token_look_close, only_select_first_n_scale, select_num_each_scale)
         smooth_selection_prob = check_flag("smooth_selection_prob", smooth_selection_prob)
         grids = [self.geometry.highres_grids(im.shape[-2:]) for im in images]
         no_look = output_hidden_states and (num_look_close == 0 or num_token_look_close == 0)
@@ -215,8 +215,8 @@ class PS3VisionEncoder(nn.Module):
             return assemble(batched, [h if batched else list(h.split(1)) for h in low_hidden], None, None, probs)
 
         # 3. Looks: quotas per look and scale (host ints), then each look's patches, packed.
-        plans = plan_batch([[h * w for h, w in g] for g in grids], self.max_select_num_each_scale, args,
-                           output_hidden_states, batched)
+        quotas = self.max_select_num_each_scale if args.quotas is None else args.quotas
+        plans = plan_batch([[h * w for h, w in g] for g in grids], quotas, args, output_hidden_states, batched)
         layout = LookLayout.select(probs.chosen, plans, grids)
         # 4. High-res pass: all looks of all images as one packed batch over the low-res cache.
         keep = self.num_hidden_layers_to_return if output_hidden_states else 1
@@ -315,20 +315,22 @@ class _EncodesImages:
 
     def encode_image(self, pixel_values, num_look_close=None, num_token_look_close=None, prompt=None, gt_selection_maps=None,
                      smooth_selection_prob=False, only_select_first_n_scale=None, is_global_text=None,
-                     pool_gt_token_only=False, output_hidden_states=True, output_look_maps=False) -> PS3VisionModelOutput:
+                     pool_gt_token_only=False, output_hidden_states=True, output_look_maps=False,
+                     select_num_each_scale=None) -> PS3VisionModelOutput:
         """Encode images: the low-res view, then ``num_look_close`` high-res looks.
 
         ``pixel_values`` is ``(B, 3, H, W)`` or a list of ``(3, H, W)`` images of any sizes
         (encoded as one packed batch; outputs are then per-image lists). See the README for
         every argument; they mean what they mean upstream. ``output_look_maps`` (not
-        upstream's) also returns which look selected each patch.
+        upstream's) also returns which look selected each patch; ``select_num_each_scale`` (VILA's
+        knob) replaces the config's per-look quota per high-res scale for this call only.
         """
         return self.vision_model(
             pixel_values, prompt=prompt, gt_selection_maps=gt_selection_maps, is_global_text=is_global_text,
             output_hidden_states=output_hidden_states, pool_gt_token_only=pool_gt_token_only,
             num_look_close=num_look_close, num_token_look_close=num_token_look_close,
             smooth_selection_prob=smooth_selection_prob, only_select_first_n_scale=only_select_first_n_scale,
-            output_look_maps=output_look_maps,
+            output_look_maps=output_look_maps, select_num_each_scale=select_num_each_scale,
         )
 
 

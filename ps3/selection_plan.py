@@ -61,6 +61,8 @@ def plan_looks(
     if num_look_close == 0 or num_token_look_close == 0:
         return []
     total = sum(max_each)
+    if total == 0:
+        raise ValueError(f"the per-look quotas {list(max_each)} are all 0, so no look can select a patch")
     limit_n = first_n_for_limit if first_n_for_limit is not None else first_n
     reachable = sum(num_patches[: limit_n if limit_n is not None else len(num_patches)])
     last_tokens = None

@@ -17,6 +17,7 @@ class LookArgs:
     num_look_close: int | str | None
     num_token_look_close: int | str | list[int] | None
     first_n: list[int] | None
+    quotas: list[int] | None = None  # a per-call select_num_each_scale; None: the config's
 
 
 def check_images(x, low_res: int, patch: int) -> tuple[list[torch.Tensor], bool]:
@@ -82,6 +83,14 @@ def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
     raise ValueError(f"gt_selection_maps must be a (B={batch}, H, W) tensor or a list of {batch} (H, W) tensors")
 
 
+def _check_quotas(value, num_high: int) -> list[int]:
+    if isinstance(value, (list, tuple)) and len(value) == num_high and all(
+        isinstance(q, (int, np.integer)) and not isinstance(q, bool) and q >= 0 for q in value
+    ):
+        return [int(q) for q in value]
+    raise ValueError(f"select_num_each_scale must hold one int >= 0 per high-res scale ({num_high}), got {value!r}")
+
+
 def check_flag(name: str, value) -> bool:
     """Switches take bools only: ``0.5`` or ``'false'`` would otherwise silently mean True."""
     if not isinstance(value, (bool, np.bool_)):
@@ -96,7 +105,7 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
 
 def check_look_args(
     images, batched, width, num_high, prompt, gt_selection_maps, is_global_text, output_hidden_states,
-    pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale,
+    pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale, select_num_each_scale=None,
 ) -> LookArgs:
     batch, device = len(images), images[0].device
     output_hidden_states = check_flag("output_hidden_states", output_hidden_states)
@@ -146,4 +155,5 @@ def check_look_args(
             raise TypeError(f"is_global_text must be a bool tensor, got {is_global_text.dtype} (use .bool() on a 0/1 mask)")
         _check_device("is_global_text", is_global_text, device)
         is_global_text = is_global_text.reshape(batch, 1)
-    return LookArgs(prompt, gt_maps, is_global_text, num_look_close, num_token_look_close, first_n)
+    quotas = None if select_num_each_scale is None else _check_quotas(select_num_each_scale, num_high)
+    return LookArgs(prompt, gt_maps, is_global_text, num_look_close, num_token_look_close, first_n, quotas)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -526,3 +529,74 @@ def test_load_vila_hd_rejects_mismatches(tmp_path, ps3_model, llm):
         load_vila_hd(tmp_path / "c", llm=llm)
     with pytest.raises(FileNotFoundError):
         load_vila_hd(tmp_path / "nothing")
+
+
+# ----- per-call quotas -----
+
+
+def test_encoder_takes_per_call_quotas(ps3_model):
+    """``select_num_each_scale`` on one call = a model configured with those quotas; bad values raise."""
+    x = pixels(2, seed=6)
+    configured = PS3VisionModel(tiny_vision_config(max_select_num_each_scale=[3, 9])).eval()
+    configured.load_state_dict(ps3_model.state_dict())
+    with torch.no_grad(), use_backend("torch"):
+        for looks in ({"num_look_close": 2}, {"num_token_look_close": 17}):
+            got = ps3_model(x, select_num_each_scale=(3, 9), **looks)
+            want = configured(x, **looks)
+            assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+            assert all(torch.equal(a, b) for a, b in zip(got.selection_maps, want.selection_maps))
+        assert [int(m[0].sum()) for m in got.selection_maps] == [4, 13]  # 17 tokens split 3:9, remainder last
+        pooled = ps3_model(x, output_hidden_states=False, select_num_each_scale=[3, 9]).pooled_output
+        assert torch.equal(pooled, configured(x, output_hidden_states=False).pooled_output)
+        assert ps3_model(x, num_look_close=0, select_num_each_scale=[0, 0]).selection_maps is None
+        for bad in ([3], [3, -1], [True, 9], [3.0, 9], "39", 12):
+            with pytest.raises(ValueError, match="select_num_each_scale"):
+                ps3_model(x, num_look_close=1, select_num_each_scale=bad)
+        with pytest.raises(ValueError, match="all 0"):
+            ps3_model(x, num_look_close=1, select_num_each_scale=[0, 0])
+    assert ps3_model.vision_model.max_select_num_each_scale == [4, 16]
+
+
+def test_interleaved_calls_with_different_quotas_match_serial_ones(tower, llm, monkeypatch):
+    """Two threads with different ``select_num_each_scale``, held together inside the encoder's
+    forward (after both have started, before either plans its looks), get what serial calls get;
+    nothing writes the shared encoder's quotas (VILA sets them on the model)."""
+    pipe = make_pipeline(tower, llm)
+    encoder = tower.encoder
+    ids = torch.tensor([[IMAGE_TOKEN_INDEX, 7, 8]])
+    x = pixels(1, seed=5)
+    quotas = {"a": [8, 8], "b": [2, 20]}
+
+    def run(q):
+        with torch.no_grad():  # grad mode is per thread; the backend (set below) is the process's
+            return pipe.prepare_inputs(x, ids, look_close_mode="after_image", num_look_close=1, select_num_each_scale=q)
+
+    with use_backend("torch"):
+        serial = {k: run(q) for k, q in quotas.items()}
+    for k, q in quotas.items():
+        assert [int(m.sum()) for m in serial[k].selection_maps] == q
+
+    def no_write(self, name, value):
+        if name == "max_select_num_each_scale":
+            raise AssertionError("a call wrote the shared encoder's max_select_num_each_scale")
+        nn.Module.__setattr__(self, name, value)
+
+    monkeypatch.setattr(type(encoder), "__setattr__", no_write)
+    config_quotas = encoder.max_select_num_each_scale
+    saved = list(config_quotas)
+    barrier = threading.Barrier(len(quotas), timeout=60)
+
+    def meet(*args) -> None:  # returns None: the output stays as it is
+        barrier.wait()
+
+    hook = encoder.selection_feature_proj.register_forward_hook(meet)
+    try:
+        with use_backend("torch"), ThreadPoolExecutor(len(quotas)) as pool:
+            futures = {k: pool.submit(run, q) for k, q in quotas.items()}
+            threaded = {k: f.result(timeout=120) for k, f in futures.items()}
+    finally:
+        hook.remove()
+    for k in quotas:
+        assert torch.equal(threaded[k].inputs_embeds, serial[k].inputs_embeds), k
+        assert all(torch.equal(a, b) for a, b in zip(threaded[k].selection_maps, serial[k].selection_maps)), k
+    assert encoder.max_select_num_each_scale is config_quotas and config_quotas == saved

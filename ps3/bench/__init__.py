@@ -13,26 +13,22 @@ big to run are counted too), median latency and peak memory, and writes ``result
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import re
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .baselines import (
+from ..baselines import (
     SequenceGroup,
     anyres_encode,
     anyres_geometry,
@@ -44,14 +40,16 @@ from .baselines import (
     s2_encode,
     s2_geometry,
 )
-from .cli_common import ArgumentParser, UsageError, check_output_folder
-from .configuration_ps3 import PS3VisionConfig
-from .demo import demo_config, randomize_parameters_
-from .modeling_ps3 import PS3VisionModel
-from .selection_plan import plan_looks
+from ..cli_common import ArgumentParser, UsageError, check_output_folder
+from ..configuration_ps3 import PS3VisionConfig
+from ..demo import demo_config, randomize_parameters_
+from ..modeling_ps3 import PS3VisionModel
+from ..selection_plan import plan_looks
+from .harness import environment, error_text, is_oom, measure_latency, measure_peak_memory
+from .report import markdown_table, plot
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-UPSTREAM_WORKER = REPO_ROOT / "benchmarks" / "upstream_worker.py"
+# Run by its path under upstream's interpreter (``python -m ps3...`` would import this project's ``ps3``).
+UPSTREAM_WORKER = Path(__file__).with_name("upstream_worker.py")
 
 PS3_LOOKS: dict[str, int | str] = {"ps3-1": 1, "ps3-2": 2, "ps3-6": 6, "ps3-all": "all"}
 BASELINES = ("anyres", "s2", "llava-uhd")
@@ -187,121 +185,6 @@ def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return counts.get("Global", 0), core, out.shape
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def _proc_status_kb(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
-    if match is None:
-        raise OSError(f"/proc/self/status has no {field}")
-    return int(match.group(1))
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure_peak_memory(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[float, str]:
-    """Peak memory (MiB) of one ``fn(x)`` call and how it was measured.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (weights and inputs included). CPU (Linux):
-    growth of the resident set's high-water mark over the call (reset through
-    ``/proc/self/clear_refs`` after ``malloc_trim`` hands freed heap back to the system);
-    memory the C allocator still caches can hide part of it. Elsewhere the growth of
-    ``ru_maxrss``, which only sees peaks above earlier ones (a lower bound).
-    """
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        fn(x)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
-    try:
-        _malloc_trim()
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _proc_status_kb("VmRSS")
-        fn(x)
-        return (_proc_status_kb("VmHWM") - before) / 1024, "cpu_rss_high_water_delta"
-    except OSError:
-        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn(x)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (after - before) * unit / 2**20, "cpu_ru_maxrss_delta_lower_bound"
-
-
-def measure_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int, reps: int) -> tuple[float, str]:
-    """Median latency (ms) of ``fn(x)`` and the timer used.
-
-    CUDA: ``triton.testing.do_bench`` (``warmup``/``reps`` in ms; CUDA events with
-    ``warmup`` and ``reps`` as counts if Triton is missing). CPU: ``time.perf_counter``
-    over ``reps`` calls after ``warmup`` untimed ones.
-    """
-    if x.is_cuda:
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            return float(do_bench(lambda: fn(x), warmup=warmup, rep=reps, return_mode="median")), "triton.do_bench"
-        for _ in range(max(warmup, 1)):
-            fn(x)
-        times = []
-        for _ in range(max(reps, 1)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times), "cuda_events"
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(max(reps, 1)):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), "perf_counter"
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def environment(device: str) -> dict[str, Any]:
-    """Versions, device and git commit, stamped on every record."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device == "cuda" and torch.cuda.is_available():
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-    commit = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"device": device_name, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(), "git_commit": commit}
-
-
 # ----------------------------------------------------------------------------- runner
 
 
@@ -320,7 +203,7 @@ class Options:
     upstream_pythonpath: str | None = None  # PYTHONPATH of the upstream worker (a --target folder)
 
 
-def _record(opts: Options, env: dict, method: str, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+def empty_record(opts: Options, env: dict, method: str, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "method": method, "resolution": resolution, "batch": batch, "tokens": None, "out_tokens": None,
         "flops": None, "flops_per_image": None, "attn_flops": None, "attn_flops_counted": None,
@@ -351,7 +234,7 @@ def run_method(
         rec.update(tokens=sum(count_tokens(g) for g, _ in seqs), out_tokens=int(out_shape[1]), flops=flops,
                    flops_per_image=flops // B, attn_flops=exact_attn, attn_flops_counted=counted_attn)
     except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
-        rec.update(status="failed", error="counting: " + _error(exc))
+        rec.update(status="failed", error="counting: " + error_text(exc))
         return rec
     if run_model is None or x is None:
         rec.update(status="counted")
@@ -364,7 +247,7 @@ def run_method(
         rec.update(status="ok", latency_ms_per_image=rec["latency_ms"] / B,
                    tflops_per_s=rec["flops"] / (rec["latency_ms"] * 1e-3) / 1e12)
     except Exception as exc:  # noqa: BLE001
-        rec.update(status="OOM" if _is_oom(exc) else "failed", error=_error(exc), peak_mem_mb=None, latency_ms=None)
+        rec.update(status="OOM" if is_oom(exc) else "failed", error=error_text(exc), peak_mem_mb=None, latency_ms=None)
         if x.is_cuda:
             torch.cuda.empty_cache()
     return rec
@@ -374,7 +257,7 @@ def run_upstream(
     opts: Options, preset: Preset, config: PS3VisionConfig, resolution: int, methods: list[str], records: list[dict]
 ) -> None:
     """Time upstream PS3 for every batch and look count at one resolution in one subprocess
-    (``benchmarks/upstream_worker.py`` under ``--upstream-python``); fills ``records``."""
+    (``upstream_worker.py`` under ``--upstream-python``); fills ``records``."""
     reason = None
     if resolution <= BASE_SCALE:
         reason = f"PS3 needs a high-res scale above {resolution}"
@@ -412,11 +295,11 @@ def run_upstream(
         except subprocess.TimeoutExpired:
             missing = f"upstream worker timed out after {opts.upstream_timeout:.0f} s"
         except (OSError, subprocess.SubprocessError) as exc:
-            missing = _error(exc)
+            missing = error_text(exc)
         try:
             reply = json.loads(out_path.read_text()) if out_path.exists() else {"results": []}
         except ValueError as exc:
-            reply, missing = {"results": []}, _error(exc)
+            reply, missing = {"results": []}, error_text(exc)
     by_key = {(r["batch"], str(r["looks"])): r for r in reply["results"]}
     for rec in records:
         res = by_key.get((rec["batch"], str(UPSTREAM_LOOKS[rec["method"]])))
@@ -435,12 +318,12 @@ def run_upstream(
 
 
 def _progress(total: int):
+    """A tqdm bar on stderr, or a stand-in that shows nothing when tqdm is not installed."""
     try:
         from tqdm import tqdm
-
-        return tqdm(total=total, desc="ps3-bench", unit="run", file=sys.stderr)
     except ImportError:
-        return None
+        return SimpleNamespace(update=lambda n=1: None, set_postfix_str=lambda text: None, close=lambda: None)
+    return tqdm(total=total, desc="ps3-bench", unit="run", file=sys.stderr)
 
 
 def run(opts: Options) -> list[dict[str, Any]]:
@@ -464,131 +347,23 @@ def run(opts: Options) -> list[dict[str, Any]]:
                 gen = torch.Generator(device=preset.device).manual_seed(opts.seed)
                 x = torch.randn(B, 3, R, R, generator=gen, device=preset.device).to(preset.dtype)
             for method in ours:
-                if bar is not None:
-                    bar.set_postfix_str(f"{method} {R}px x{B}")
-                rec = _record(opts, env, method, R, B, preset.dtype)
+                bar.set_postfix_str(f"{method} {R}px x{B}")
+                rec = empty_record(opts, env, method, R, B, preset.dtype)
                 records.append(run_method(rec, method, run_model, meta_model, x, opts.warmup, opts.reps))
-                if bar is not None:
-                    bar.update()
+                bar.update()
             for method in upstream:
-                upstream_records.append(_record(opts, env, method, R, B, preset.dtype))
+                upstream_records.append(empty_record(opts, env, method, R, B, preset.dtype))
                 records.append(upstream_records[-1])
             del x
         del run_model
         if preset.device == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the upstream subprocess needs the memory this process caches
         if upstream:
-            if bar is not None:
-                bar.set_postfix_str(f"upstream {R}px")
+            bar.set_postfix_str(f"upstream {R}px")
             run_upstream(opts, preset, config, R, upstream, upstream_records)
-            if bar is not None:
-                bar.update(len(upstream_records))
-    if bar is not None:
-        bar.close()
+            bar.update(len(upstream_records))
+    bar.close()
     return records
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def _fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}"
-
-
-def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """Results table, then FLOPs and tokens of every method relative to ``ps3-1``."""
-    first = records[0] if records else {}
-    lines = [
-        f"**ps3-bench** preset `{first.get('preset')}` on {first.get('device')} "
-        f"(torch {first.get('torch')}, triton {first.get('triton')}, commit {first.get('git_commit')}, {first.get('dtype')})",
-        "",
-        "| method | resolution | batch | tokens/img | GFLOP/img | latency ms | ms/img | TFLOP/s | peak MiB | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    notes = []
-    for r in records:
-        gflop = r["flops_per_image"] / 1e9 if r["flops_per_image"] is not None else None
-        status = r["status"]
-        if r["error"]:
-            notes.append(f"- {r['method']} {r['resolution']} x{r['batch']}: {r['error']}")
-            status += f" [{len(notes)}]"
-        lines.append(
-            f"| {r['method']} | {r['resolution']} | {r['batch']} | {_fmt(r['tokens'])} | {_fmt(gflop)} | "
-            f"{_fmt(r['latency_ms'], 2)} | {_fmt(r['latency_ms_per_image'], 2)} | {_fmt(r['tflops_per_s'], 2)} | "
-            f"{_fmt(r['peak_mem_mb'])} | {status} |"
-        )
-    if notes:
-        lines += ["", "Notes:", *[f"{i + 1}. {n[2:]}" for i, n in enumerate(notes)]]
-    ratio = _ratio_table(records)
-    if ratio:
-        lines += ["", "FLOPs per image relative to ps3-1 (tokens relative to ps3-1 in brackets):", "", *ratio]
-    return "\n".join(lines) + "\n"
-
-
-def _ratio_table(records: Sequence[dict[str, Any]]) -> list[str]:
-    per_image = {}
-    for r in records:
-        if r["flops_per_image"] is not None and r["tokens"] is not None:
-            per_image.setdefault((r["method"], r["resolution"]), (r["flops_per_image"], r["tokens"]))
-    methods = [m for m in dict.fromkeys(r["method"] for r in records) if any(k[0] == m for k in per_image)]
-    resolutions = sorted({k[1] for k in per_image if ("ps3-1", k[1]) in per_image})
-    if not resolutions or len(methods) < 2:
-        return []
-    lines = ["| resolution | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-    for R in resolutions:
-        base_f, base_t = per_image[("ps3-1", R)]
-        cells = []
-        for m in methods:
-            f_t = per_image.get((m, R))
-            cells.append("-" if f_t is None else f"{f_t[0] / base_f:.2f}x ({f_t[1] / base_t:.2f}x)")
-        lines.append(f"| {R} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
-    """FLOPs and latency per image vs resolution, one line per method (log scale).
-
-    Without timings (``--count-only``) the second panel shows encoder tokens instead.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install 'ps3-kernels[bench]')", file=sys.stderr)
-        return False
-    batch = min((r["batch"] for r in records), default=1)
-    timed = any(r["latency_ms_per_image"] for r in records)
-    right_key, right_title = (
-        ("latency_ms_per_image", f"latency per image (ms), batch {batch}") if timed else ("tokens", "encoder tokens per image")
-    )
-    fig, (ax_f, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in records):
-        rows = sorted((r for r in records if r["method"] == method and r["batch"] == batch), key=lambda r: r["resolution"])
-        flops = [(r["resolution"], r["flops_per_image"] / 1e9) for r in rows if r["flops_per_image"]]
-        right = [(r["resolution"], r[right_key]) for r in rows if r[right_key]]
-        style = "--" if method.startswith("upstream") else "-"
-        if flops:
-            ax_f.plot(*zip(*flops), style, marker="o", label=method)
-        if right:
-            ax_r.plot(*zip(*right), style, marker="o", label=method)
-    for ax, title in ((ax_f, "GFLOP per image"), (ax_r, right_title)):
-        ax.set_yscale("log")
-        ax.set_xlabel("resolution (px)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_f.legend(fontsize=8)
-    first = records[0] if records else {}
-    fig.suptitle(f"ps3-bench {first.get('preset')} on {first.get('device')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -674,7 +449,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -48,14 +48,22 @@ def device_table(data, device: torch.device | str, dtype: torch.dtype = torch.in
     key = (shape, tuple(values), dtype, device, torch.is_inference_mode_enabled())
     with _LOCK:
         table = _TABLES.get(key)
-        if table is None:
+        if table is None or not is_shared_table(table):  # new, or written to in place since
             table = torch.tensor(values, dtype=dtype).view(shape).to(device, non_blocking=True)
+            table._ps3_shared_table = True  # read-only by contract: see is_shared_table
             _TABLES[key] = table
             if len(_TABLES) > _MAX_TABLES:
                 _TABLES.popitem(last=False)
         else:
             _TABLES.move_to_end(key)
     return table
+
+
+def is_shared_table(t: torch.Tensor) -> bool:
+    """Whether ``t`` came from :func:`device_table`'s cache and was not written to in place since:
+    its content is then what it was built with, so what is derived from it (an attention block
+    schedule) can be kept as long as the tensor lives."""
+    return getattr(t, "_ps3_shared_table", False) and (t.is_inference() or t._version == 0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -166,11 +166,13 @@ def _check_values(images, resized_sizes, tokens, patch, pos_table, pos_index, re
 
 def image_geometry(images: list[torch.Tensor], resized_sizes, offsets: list[int]) -> list[list[int]]:
     """Rows of the device geometry table: element offset, channel/row/column strides, height, width,
-    then (height, width) at every scale (``(1, 1)`` past an image's own scales)."""
+    then (height, width) at every scale. Past an image's own scales its last size repeats: a real
+    size of at least one patch, so even a token whose (unchecked) scale is out of range samples
+    inside the image."""
     num_scales = max(len(s) for s in resized_sizes)
     rows = []
     for im, sizes, offset in zip(images, resized_sizes, offsets):
-        padded = [v for size in sizes for v in size] + [1, 1] * (num_scales - len(sizes))
+        padded = [v for size in [*sizes, *[sizes[-1]] * (num_scales - len(sizes))] for v in size]
         rows.append([offset, *im.stride(), im.shape[1], im.shape[2], *padded])
     return rows
 

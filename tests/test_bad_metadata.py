@@ -115,7 +115,7 @@ def embed_args(**changes):
 
 
 # Image 0 has scales of 3x3 and 1x1 patches, image 1 one scale of 3x2 patches (its tokens come last);
-# identity resizes and a 3x downscale, so every token block takes the kernel's one-tap path, which
+# identity resizes and a 3x downscale, so the valid tokens take the kernel's one-tap path, which
 # (unlike the bicubic path) has no tap clamping of its own. pos has 40 rows, res 25.
 EMBED = [
     ("image_past_images", dict(image=(0, 2)), r"tokens.image\[0\]=2 is outside \[0, 2\)"),
@@ -154,6 +154,21 @@ def test_patch_embed_kernels_stay_in_bounds(case, changes, message, on_gpu_metad
         out = sparse_patch_embed(**args)
         out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(args["weight"].grad).all()
+
+
+@needs_interpreter
+def test_patch_embed_missing_scale_of_odd_sized_image_stays_in_bounds(on_gpu_metadata):
+    """A token of a scale its image does not have, unchecked: the scale is clamped to the image's
+    last one, so an odd-sized image (whose 1-pixel "size" would be an odd integer downscale, the
+    one-tap path without tap clamping) is still sampled inside its pixels."""
+    images, sizes, tokens, *params = make_case([(9, 15), (12, 12)], [[(8, 12)], [(12, 12), (4, 4)]], 4, 16,
+                                               torch.float32, torch.float32, seed=2)
+    weight = params[0].requires_grad_()
+    tokens.scale = torch.where(tokens.image == 0, 1, tokens.scale)  # image 0 comes first in the pixels
+    with memcheck(), use_backend("triton"):
+        out = sparse_patch_embed(images, sizes, tokens, weight, *params[1:])
+        out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(weight.grad).all()
 
 
 def test_patch_embed_rejects_bad_sizes_and_empty_images():

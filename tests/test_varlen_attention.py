@@ -11,6 +11,7 @@ import torch
 
 from ps3_kernels import PackedSequences, TritonNotSupportedError
 from ps3_kernels.backend import triton_available
+from ps3_kernels.layout import is_shared_table
 from ps3_kernels.varlen_attention import (
     available_impls,
     prepare_impl,
@@ -125,6 +126,14 @@ def test_layout_dense_mask_is_the_attention_pattern(case):
     assert seqs.max_seqlen == max(CASES[case][0]) and seqs.total_tokens == q.shape[0]
 
 
+def test_layout_tables_are_shared_until_written_to():
+    a, b = PackedSequences.from_lengths([2, 3]), PackedSequences.from_lengths([2, 3])
+    assert a.cu_seqlens is b.cu_seqlens and is_shared_table(a.cu_seqlens)
+    a.cu_seqlens[1:] += 1  # a caller writing into the shared table does not change later layouts
+    c = PackedSequences.from_lengths([2, 3])
+    assert not is_shared_table(a.cu_seqlens) and c.cu_seqlens.tolist() == [0, 2, 5] and is_shared_table(c.cu_seqlens)
+
+
 def test_layout_rejects_bad_lengths():
     with pytest.raises(ValueError, match="lengths"):
         PackedSequences.from_lengths([3, -1])
@@ -215,6 +224,24 @@ def test_triton_without_queries(lengths):
     assert out.shape == (0, 2, 16)
     out.sum().backward()
     assert torch.equal(args["prefix_k"].grad, torch.zeros_like(args["prefix_k"]))
+
+
+@needs_triton
+def test_triton_under_inference_mode_and_with_refilled_cu_seqlens():
+    """A layout built under inference mode (inference tensors have no version counter) runs; a
+    caller's ``cu_seqlens`` refilled in place between calls (a CUDA-graph static buffer, or a write
+    through ``.data``) gets its new block schedule, never the one of its earlier contents."""
+    args = make_inputs([4, 36], 2, (3, 2, [1, 0]), head_dim=16, dtype=torch.float32)
+    with torch.inference_mode():
+        seqs = PackedSequences.from_lengths([4, 36], DEVICE, prefix_index=[1, 0])
+        loose = {n: t for n, t in args.items() if n not in ("cu_seqlens", "prefix_index")}
+        out = varlen_prefix_attention(**loose, cu_seqlens=seqs, impl="triton")
+    assert rel_err(out, float64_reference(args)[0]) < 1e-5
+    cu = args["cu_seqlens"]
+    varlen_prefix_attention(**args, impl="triton")
+    cu.data.copy_(torch.tensor([0, 36, 40], dtype=cu.dtype))  # no version bump
+    out = varlen_prefix_attention(**args, impl="triton")
+    assert rel_err(out, float64_reference(args)[0]) < 1e-5
 
 
 # ----------------------------------------------------------------------------- custom op (opcheck: test_op_gradients.py)

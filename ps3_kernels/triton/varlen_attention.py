@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from ..layout import is_shared_table
 from .common import dot_precision, mma, to_dtype_rtne
 
 _LOG2E = 1.4426950408889634
@@ -347,9 +348,9 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, in
 
     Not autotuned (no GPU was at hand): a wide query block for the forward and dQ, a wide key
     block for dK/dV, as in the fused-attention tutorial; wider heads get half-size blocks.
-    Offline sm_90 builds (ptxas of triton 3.9) fit shared memory but spill some registers:
-    about 100-150 bytes per thread at head_dim 72 in bf16, about 4 KB in dK/dV at 136, and far
-    more in fp32 at 256. fp32 (exact FMA dots) is a correctness path, not a tuned one.
+    Offline sm_90a builds (ptxas of triton 3.9, ``benchmarks/results/aot-sm90.json``) at head_dim
+    72 fit shared memory with no spills in bf16/fp16 (forward ~200 registers, dK/dV ~250); fp32
+    dK/dV spills ~1 KB per thread: fp32 (exact FMA dots) is a correctness path, not a tuned one.
     """
     if triton_interpreted():
         return dict(fwd=(16, 16, 1, 1), dq=(16, 16, 1, 1), dkdv=(16, 16, 1, 1))
@@ -370,13 +371,15 @@ def _block_schedule(
 
     Returns ``(seq_of_program, first_program_of_seq, num_programs)``: ``num_programs`` is an upper
     bound on the number of ``block``-sized blocks over all sequences; the spare programs past the
-    real ones get ``seq = -1`` and exit at once. Kept per ``cu_seqlens`` tensor (while it lives and
-    is not modified): every layer of a pass shares one, so the schedule is built once per pass,
-    not once per layer (8 small launches each). Not kept while a CUDA graph is being captured.
+    real ones get ``seq = -1`` and exit at once. Kept per ``cu_seqlens`` tensor while it lives when
+    that is a layout's shared, read-only table (:func:`~ps3_kernels.layout.is_shared_table`): every
+    layer of a pass then shares one schedule instead of 8 small launches per layer. Any other
+    ``cu_seqlens`` (a caller's buffer, refilled in place between CUDA-graph replays, say) gets its
+    schedule recomputed on the device every call. Not kept while a CUDA graph is being captured.
     """
-    key = (cu._version, block, max_seqlen, total)
+    key, shared = (block, max_seqlen, total), is_shared_table(cu)
     owner, schedules = _SCHEDULES.get(id(cu), (None, {}))
-    if owner is not None and owner() is cu and key in schedules:
+    if shared and owner is not None and owner() is cu and key in schedules:
         return schedules[key]
     num_seqs = cu.numel() - 1
     bound = triton.cdiv(total, block) + num_seqs
@@ -387,7 +390,8 @@ def _block_schedule(
     pids = torch.arange(bound, device=cu.device, dtype=torch.int32)
     seq = torch.searchsorted(ends, pids, right=True, out_int32=True)
     schedule = (torch.where(seq < num_seqs, seq, -1), ends - nblocks, bound)
-    if not (cu.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    capturing = cu.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if shared and not capturing:
         if owner is None or owner() is not cu:
             schedules = {}
             _SCHEDULES[id(cu)] = (weakref.ref(cu), schedules)

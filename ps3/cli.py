@@ -7,7 +7,6 @@ of the selection probability (one row per selection), optionally the features as
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -18,25 +17,12 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from .cli_common import ArgumentParser, UsageError, check_output_file, fail, quiet_transformers
+from .cli_common import ArgumentParser, UsageError, check_output_file, fail, look_count, quiet_transformers
 from .demo import PS3Towers, load_towers
 from .image_processing_ps3 import PS3ImageProcessor
 from .modeling_ps3 import PS3VisionModelOutput
 
 PROG = "ps3-encode"
-
-
-def _look_count(value: str) -> int | str:
-    """argparse type of ``--num-look-close`` / ``--num-token-look-close``: an int >= 0 or "all"."""
-    if value == "all":
-        return value
-    try:
-        count = int(value)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'all', got {value!r}")
-    return count
 
 
 def parse_args(argv=None):
@@ -47,8 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", action="append", default=[],
                         help="text that steers the selection (top-down); repeat for several prompts, one figure row each")
     looks = parser.add_mutually_exclusive_group()
-    looks.add_argument("--num-look-close", type=_look_count, help="high-res looks: int >= 0 or 'all' (default 1)")
-    looks.add_argument("--num-token-look-close", type=_look_count, help="high-res tokens in total instead: int >= 0 or 'all'")
+    looks.add_argument("--num-look-close", type=look_count, help="high-res looks: int >= 0 or 'all' (default 1)")
+    looks.add_argument("--num-token-look-close", type=look_count, help="high-res tokens in total instead: int >= 0 or 'all'")
     parser.add_argument("--out", default="ps3_selection.png", help="figure file (default ps3_selection.png; .png, .pdf, .svg, ...)")
     parser.add_argument("--save-features", metavar="FILE",
                         help="write features, selection maps, look maps and probabilities of every selection as safetensors")

@@ -1,4 +1,4 @@
-"""What ``ps3-encode`` and ``ps3-bench`` share: user errors as one line on stderr with exit
+"""What ``ps3-encode``, ``ps3-extract`` and ``ps3-bench`` share: user errors as one line on stderr with exit
 code 2 (no usage block, no traceback), and output paths checked before any work is done."""
 
 from __future__ import annotations
@@ -26,6 +26,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(self.prog, message)
+
+
+def look_count(value: str) -> int | str:
+    """argparse type of ``--num-look-close`` / ``--num-token-look-close``: an int >= 0 or "all"."""
+    if value == "all":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'all', got {value!r}")
+    return count
 
 
 def _writable_folder(folder: Path, flag: str, target: Path) -> None:

@@ -305,6 +305,19 @@ def test_bad_arguments_exit_2_with_one_line(images, tmp_path, capsys):
             main([*inputs, "--out", str(tmp_path / "o"), *BASE_ARGS])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for extra, message in (
+        (["--out", str(blocker)], "is a file, not a folder"),
+        (["--out", str(blocker / "sub")], "is a file, not a folder"),
+        (["--out", str(tmp_path / "o"), "--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--out", str(tmp_path / "o"), "--num-look-close", "x"], "expected an int >= 0 or 'all'"),
+        (["--out", str(tmp_path / "o"), "--num-token-look-close", "-3"], "expected an int >= 0 or 'all'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(images), *extra, "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     dup = tmp_path / "dup.txt"
     dup.write_text("img00.png\nimg00.png\n")
     with pytest.raises(SystemExit):

@@ -17,29 +17,27 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers.utils import logging as transformers_logging
 
+from ..cli_common import ArgumentParser, UsageError, check_output_folder, fail, look_count
 from .pipeline import FEATURES, Batch, BatchStream, FeatureEncoder, ImagePrep, ShardEnd, default_workers, image_processor, load_models
 from .shards import SHARDS, ShardWriter, build_index, finished_shards, remove_stale_temporaries, shard_name, write_atomic
 from .sources import open_input
 
+PROG = "ps3-extract"
 RUN_FILE = "run.json"
 SUMMARY = "summary.json"
 # Ranks meet only at the end; the slowest may finish hours after the fastest.
 SYNC_TIMEOUT = timedelta(days=7)
 
 
-def _look_count(value: str):
-    return value if value == "all" else int(value)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ps3-extract", description=__doc__)
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("input", nargs="+", metavar="INPUT",
                         help="a folder of images (recursive), a text file listing image paths, or webdataset .tar files")
     parser.add_argument("--out", required=True, help="output folder (shards, index.jsonl, errors.jsonl)")
     parser.add_argument("--model", help="PS3 checkpoint folder (default: the small built-in random model)")
     looks = parser.add_mutually_exclusive_group()
-    looks.add_argument("--num-look-close", type=_look_count, help="high-res looks per image: int or 'all' (default 1)")
-    looks.add_argument("--num-token-look-close", type=_look_count, help="high-res tokens per image: int or 'all'")
+    looks.add_argument("--num-look-close", type=look_count, help="high-res looks per image: int or 'all' (default 1)")
+    looks.add_argument("--num-token-look-close", type=look_count, help="high-res tokens per image: int or 'all'")
     parser.add_argument("--prompt", help="text that steers the selection (top-down; needs a checkpoint with a text model)")
     parser.add_argument("--features", choices=sorted(FEATURES), default="pooled",
                         help="pooled: pooled + pooled_highres vectors; tokens: token features + selection maps; both (default pooled)")
@@ -60,20 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be >= 0")
-    for name in ("num_look_close", "num_token_look_close"):
-        value = getattr(args, name)
-        if isinstance(value, int) and value < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0 or 'all'")
     return args
 
 
-def _fail(message: str, code: int = 2):
-    print(f"ps3-extract: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
 def _device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device") from None
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
@@ -107,6 +99,7 @@ def _check_run_file(out: Path, settings: dict) -> None:
 
 def _setup(args, device: torch.device, dtype: torch.dtype, look: dict):
     """Input, model, processor and feature encoder; checks the output folder's settings."""
+    out = check_output_folder(args.out, "--out")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     source = open_input(args.input)
@@ -131,7 +124,6 @@ def _setup(args, device: torch.device, dtype: torch.dtype, look: dict):
         "features": args.features, "layer": args.layer, "look": look, "prompt": args.prompt, "resize": args.resize,
         "dtype": str(dtype),
     }
-    out = Path(args.out)
     (out / SHARDS).mkdir(parents=True, exist_ok=True)
     _check_run_file(out, settings)
     return source, model, processor, encoder
@@ -140,14 +132,14 @@ def _setup(args, device: torch.device, dtype: torch.dtype, look: dict):
 def main(argv=None) -> None:
     args = parse_args(argv)
     transformers_logging.disable_progress_bar()  # weight-loading bars, once per rank
-    device = _device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     look = {"num_token_look_close": args.num_token_look_close} if args.num_token_look_close is not None else {
         "num_look_close": 1 if args.num_look_close is None else args.num_look_close}
     try:
+        device = _device(args.device)
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         source, model, processor, encoder = _setup(args, device, dtype, look)
-    except (ValueError, TypeError, OSError) as err:
-        _fail(str(err))
+    except (UsageError, ValueError, TypeError, OSError) as err:
+        fail(PROG, err)
 
     out = Path(args.out)
     rank, world, sync_group = _init_distributed(device)
@@ -216,8 +208,9 @@ def _finish(out: Path, num_parts: int, per_rank: list[dict], world: int) -> None
     """Rank 0, after every rank is done: index, errors, summary."""
     try:
         totals = build_index(out, num_parts)
-    except RuntimeError as err:
-        _fail(str(err), code=1)
+    except RuntimeError as err:  # a rank lost shards: not a usage error
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     remove_stale_temporaries(out)
     seconds = max(s["seconds"] for s in per_rank)
     run = {k: sum(s[k] for s in per_rank) for k in ("images", "failures", "tokens", "shards", "parts_already_done")}

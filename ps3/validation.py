@@ -57,6 +57,16 @@ def check_images(x, low_res: int, patch: int) -> tuple[list[torch.Tensor], bool]
     return images, batched
 
 
+def _as_int(value) -> int | None:
+    """``value`` as an int when it is one (ints, numpy ints, 0-d int tensors; not bools), else None."""
+    if isinstance(value, (bool, np.bool_, str)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_look_count(name: str, value, allow_list: bool, batch: int):
     if value is None or (isinstance(value, str) and value == "all"):
         return value
@@ -64,11 +74,8 @@ def _check_look_count(name: str, value, allow_list: bool, batch: int):
         if len(value) != batch:
             raise ValueError(f"{name} as a list needs one entry per image ({batch}), got {len(value)}")
         return [_check_look_count(name, v, False, batch) for v in value]
-    try:
-        count = -1 if isinstance(value, (bool, str)) else operator.index(value)  # ints, numpy ints, 0-d int tensors
-    except TypeError:
-        count = -1
-    if count < 0:  # the message is formatted only here: torch.compile cannot format a symbolic int
+    count = _as_int(value)
+    if count is None or count < 0:  # the message is formatted only here: torch.compile cannot format a symbolic int
         raise ValueError(f"{name} must be an int >= 0 or 'all'{' or a per-image list' if allow_list else ''}, got {value!r}")
     return count
 
@@ -84,10 +91,9 @@ def _check_gt_maps(gt, batch: int) -> list[torch.Tensor]:
 
 
 def _check_quotas(value, num_high: int) -> list[int]:
-    if isinstance(value, (list, tuple)) and len(value) == num_high and all(
-        isinstance(q, (int, np.integer)) and not isinstance(q, bool) and q >= 0 for q in value
-    ):
-        return [int(q) for q in value]
+    quotas = [_as_int(q) for q in value] if isinstance(value, (list, tuple)) and len(value) == num_high else [None]
+    if all(q is not None and q >= 0 for q in quotas):
+        return quotas
     raise ValueError(f"select_num_each_scale must hold one int >= 0 per high-res scale ({num_high}), got {value!r}")
 
 
@@ -129,8 +135,8 @@ def check_look_args(
         )
     first_n = only_select_first_n_scale
     if first_n is not None:
-        values = list(first_n) if isinstance(first_n, (list, tuple)) else [first_n] * batch
-        if len(values) != batch or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= num_high for v in values):
+        values = [_as_int(v) for v in (first_n if isinstance(first_n, (list, tuple)) else [first_n] * batch)]
+        if len(values) != batch or any(v is None or not 1 <= v <= num_high for v in values):
             raise ValueError(f"only_select_first_n_scale must be an int in [1, {num_high}] or a list of {batch} such ints, got {first_n!r}")
         first_n = values
     if output_hidden_states:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from .cli_common import ArgumentParser, UsageError, check_output_file, fail, look_count, quiet_transformers
+from .cli_common import ArgumentParser, UsageError, check_output_file, fail, look_count, parse_device, quiet_transformers
 from .demo import PS3Towers, load_towers
 from .image_processing_ps3 import PS3ImageProcessor
 from .modeling_ps3 import PS3VisionModelOutput
@@ -103,16 +103,6 @@ def _open_image(path: str) -> Image.Image:
     except (OSError, Image.DecompressionBombError) as err:
         raise UsageError(f"image {path} cannot be read as an image ({err})") from None
     return image
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available")
-    return device
 
 
 def _load(args, dtype: torch.dtype) -> tuple[PS3Towers, PS3ImageProcessor]:
@@ -202,7 +192,7 @@ def main(argv=None) -> None:
         save_path = check_output_file(args.save_features, "--save-features") if args.save_features else None
         if save_path is not None and save_path == out_path:
             raise UsageError("--save-features and --out name the same file")
-        device = _device(args.device)
+        device = parse_device(args.device)
         dtype = getattr(torch, args.dtype)
         image = _open_image(args.image) if args.image else None
         with quiet_transformers():

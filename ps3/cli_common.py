@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+import torch
+
 
 class UsageError(Exception):
     """A mistake in what the user asked for; the CLIs print it as one line and exit 2."""
@@ -39,6 +41,17 @@ def look_count(value: str) -> int | str:
     if count < 0:
         raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'all', got {value!r}")
     return count
+
+
+def parse_device(name: str) -> torch.device:
+    """``--device``: a torch device name, and a CUDA one only where there is a GPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+    return device
 
 
 def _writable_folder(folder: Path, flag: str, target: Path) -> None:

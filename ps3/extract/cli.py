@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers.utils import logging as transformers_logging
 
-from ..cli_common import ArgumentParser, UsageError, check_output_folder, fail, look_count
+from ..cli_common import ArgumentParser, UsageError, check_output_folder, fail, look_count, parse_device
 from .pipeline import FEATURES, Batch, BatchStream, FeatureEncoder, ImagePrep, ShardEnd, default_workers, image_processor, load_models
 from .shards import SHARDS, ShardWriter, build_index, finished_shards, remove_stale_temporaries, shard_name, write_atomic
 from .sources import open_input
@@ -62,10 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device") from None
+    """``--device``, with the rank's own GPU under torchrun."""
+    device = parse_device(name)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
@@ -100,8 +98,6 @@ def _check_run_file(out: Path, settings: dict) -> None:
 def _setup(args, device: torch.device, dtype: torch.dtype, look: dict):
     """Input, model, processor and feature encoder; checks the output folder's settings."""
     out = check_output_folder(args.out, "--out")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     source = open_input(args.input)
     model, text_model, tokenizer = load_models(args.model, dtype, device, with_text=args.prompt is not None)
     prompt = None

@@ -32,6 +32,11 @@ from .vit import Mlp, PackedSequences, TrunkOutput, VisionTrunk
 HIGHRES_SELECTION_SIZE = 1512  # upstream scores saliency on a fixed 1512x1512 view
 
 
+def _hw(x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+    """An image's ``(H, W)``: the last two dims of a tensor, or the pair itself."""
+    return tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) else x
+
+
 class PS3VisionEncoder(nn.Module):
     """Upstream's ``vision_model``: trunk, selection heads, per-scale position residuals."""
 
@@ -79,14 +84,14 @@ class PS3VisionEncoder(nn.Module):
 
     def image_size_scale_i(self, x: torch.Tensor | tuple[int, int], scale_idx: int) -> tuple[int, int]:
         """Size the image is resized to at ``scale_idx``; scale 0 is always square."""
-        return self.geometry.image_size(x.shape[-2:] if isinstance(x, torch.Tensor) else x, scale_idx)
+        return self.geometry.image_size(_hw(x), scale_idx)
 
     def feature_size_scale_i(self, x: torch.Tensor | tuple[int, int], scale_idx: int) -> tuple[int, int]:
-        return self.geometry.grid(x.shape[-2:] if isinstance(x, torch.Tensor) else x, scale_idx)
+        return self.geometry.grid(_hw(x), scale_idx)
 
     def max_highres_token_num(self, x: torch.Tensor | tuple[int, int], only_select_first_n_scale=None) -> int:
         n = len(self.ps3_scales) - 1 if only_select_first_n_scale is None else max(only_select_first_n_scale)
-        grids = self.geometry.highres_grids(x.shape[-2:] if isinstance(x, torch.Tensor) else x)
+        grids = self.geometry.highres_grids(_hw(x))
         return sum(h * w for h, w in grids[:n])
 
     # ----- trunk passes -----

@@ -204,6 +204,15 @@ def resolve_backend(*tensors: torch.Tensor | None, supported: bool = True) -> st
     return dispatch(support, [] if supported else ["the kernel has no path for these inputs"], tensors)
 
 
+def promoted_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The promotion of the tensors' dtypes (``None`` skipped): what an op computes or returns in."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 # ----------------------------------------------------------------------------- checked mode
 
 

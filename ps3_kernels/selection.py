@@ -22,6 +22,7 @@ from .backend import (
     dtype_reasons,
     grad_reasons,
     host_values,
+    promoted_dtype,
     register_support,
 )
 
@@ -94,18 +95,10 @@ def _check_probs_args(feature, prompt, highres_feature, highres_prompt) -> None:
             raise ValueError(f"{name} is on {t.device}, feature on {feature.device}")
 
 
-def _promoted(*tensors: torch.Tensor | None) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _probs_reasons(feature, prompt, highres_feature, highres_prompt) -> list[str]:
     named = {"feature": feature, "prompt": prompt, "highres_feature": highres_feature,
              "highres_prompt": highres_prompt}
-    promoted = feature.new_empty(0, dtype=_promoted(feature, prompt, highres_feature, highres_prompt))
+    promoted = feature.new_empty(0, dtype=promoted_dtype(feature, prompt, highres_feature, highres_prompt))
     return dtype_reasons(PROBS_SUPPORT, {"the promoted input": promoted}) + grad_reasons(PROBS_SUPPORT, named)
 
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreted
+from ..backend import promoted_dtype, triton_interpreted
 from ..patch_embed import PatchTokens
 from .common import dot_precision, mma, to_dtype_rtne
 
@@ -242,15 +242,6 @@ _SCHEMA = (
 )
 
 
-def _out_dtype(weight, bias, pos_table, res_table) -> torch.dtype:
-    """The promotion of the parameter dtypes, as in the reference."""
-    dtype = weight.dtype
-    for t in (bias, pos_table, res_table):
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _num_scales(geometry: torch.Tensor) -> int:
     return (geometry.shape[1] - 6) // 2
 
@@ -261,7 +252,7 @@ def _embed_op(pixels, geometry, image, scale, row, col, weight, bias, pos_table,
     (a batch or a flat buffer, addressed through the int64 ``geometry`` table)."""
     c_out, k = weight.shape[0], weight[0].numel()
     num_tokens = image.numel()
-    out = torch.empty(num_tokens, c_out, device=weight.device, dtype=_out_dtype(weight, bias, pos_table, res_table))
+    out = torch.empty(num_tokens, c_out, device=weight.device, dtype=promoted_dtype(weight, bias, pos_table, res_table))
     if num_tokens == 0:
         return out
     block_t, block_n, block_k, warps, stages = _launch_config(weight.dtype, c_out, k)
@@ -283,7 +274,7 @@ def _embed_op(pixels, geometry, image, scale, row, col, weight, bias, pos_table,
 
 @_embed_op.register_fake
 def _(pixels, geometry, image, scale, row, col, weight, bias, pos_table, pos_index, res_table, res_index):
-    return weight.new_empty(image.shape[0], weight.shape[0], dtype=_out_dtype(weight, bias, pos_table, res_table))
+    return weight.new_empty(image.shape[0], weight.shape[0], dtype=promoted_dtype(weight, bias, pos_table, res_table))
 
 
 @torch.library.custom_op("ps3_kernels::gather_patches", mutates_args=(),

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..backend import triton_interpreted
+from ..backend import promoted_dtype, triton_interpreted
+from ..selection import selection_probs_reference
 from .common import TL_DTYPES, to_dtype_rtne
 
 _EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's default
@@ -169,8 +170,6 @@ def _probs_setup_context(ctx, inputs, output):
 def _probs_backward(ctx, grad):
     """The reference's backward: its forward recomputed with autograd on the saved inputs (small maps),
     then differentiated; PyTorch ops on the inputs' device."""
-    from ..selection import selection_probs_reference
-
     inputs = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) if t is not None else None
@@ -196,10 +195,7 @@ def selection_probs_triton(
     Inputs of different dtypes are first cast to their promoted dtype (the reference instead
     normalises each in its own dtype); float32, float16 and bfloat16 are supported.
     """
-    tensors = [t for t in (feature, prompt, highres_feature, highres_prompt) if t is not None]
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = promoted_dtype(feature, prompt, highres_feature, highres_prompt)
     feature, prompt = feature.to(dtype), prompt.to(dtype)
     if highres_feature is not None:
         highres_feature, highres_prompt = highres_feature.to(dtype), highres_prompt.to(dtype)

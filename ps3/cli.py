@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from .cli_common import ArgumentParser, UsageError, check_output_file, fail, look_count, parse_device, quiet_transformers
-from .demo import PS3Towers, load_towers
+from .demo import PS3Towers, image_processor, load_towers
 from .image_processing_ps3 import PS3ImageProcessor
 from .modeling_ps3 import PS3VisionModelOutput
 
@@ -118,15 +118,10 @@ def _load(args, dtype: torch.dtype) -> tuple[PS3Towers, PS3ImageProcessor]:
         )
     if args.prompt and towers.tokenizer is None:
         raise UsageError(f"--prompt needs a tokenizer, and {args.text_model or args.model} has no PS3 tokenizer_config.json")
-    encoder = towers.vision.vision_model
-    processor_file = Path(args.model) / "preprocessor_config.json" if args.model else None
     try:
-        if processor_file is not None and processor_file.is_file():
-            processor = PS3ImageProcessor.from_pretrained(args.model)
-        else:
-            processor = PS3ImageProcessor(image_size=encoder.ps3_scales[-1])
+        processor = image_processor(args.model, towers.vision.vision_model)
     except (OSError, ValueError) as err:
-        raise UsageError(f"--model {args.model}: bad {processor_file.name} ({err})") from None
+        raise UsageError(f"--model {args.model}: bad preprocessor_config.json ({err})") from None
     return towers, processor
 
 

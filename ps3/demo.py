@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 
 from .configuration_ps3 import PS3TextConfig, PS3VisionConfig
-from .modeling_ps3 import PS3TextModel, PS3VisionModel
+from .image_processing_ps3 import PS3ImageProcessor
+from .modeling_ps3 import PS3TextModel, PS3VisionEncoder, PS3VisionModel
 from .tokenization_ps3 import TOKENIZER_CONFIG_NAME, PS3Tokenizer
 
 DEMO_CONTEXT_LENGTH = 64
@@ -86,6 +87,14 @@ def demo_text_config(**overrides) -> PS3TextConfig:
 def demo_text_model(seed: int = 1, **overrides) -> PS3TextModel:
     """The demo text config with deterministic random weights."""
     return randomize_parameters_(PS3TextModel(demo_text_config(**overrides)), seed).eval()
+
+
+def image_processor(folder: str | None, encoder: PS3VisionEncoder) -> PS3ImageProcessor:
+    """The checkpoint's processor (mean, std, filter) when its folder has one, else PS3's defaults
+    at the encoder's largest scale."""
+    if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
+        return PS3ImageProcessor.from_pretrained(folder)
+    return PS3ImageProcessor(image_size=encoder.ps3_scales[-1])
 
 
 class PS3Towers(NamedTuple):

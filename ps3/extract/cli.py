@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from transformers.utils import logging as transformers_logging
 
 from ..cli_common import ArgumentParser, UsageError, check_output_folder, fail, look_count, parse_device
-from .pipeline import FEATURES, Batch, BatchStream, FeatureEncoder, ImagePrep, ShardEnd, default_workers, image_processor, load_models
+from ..demo import image_processor
+from .pipeline import FEATURES, Batch, BatchStream, FeatureEncoder, ImagePrep, ShardEnd, default_workers, load_models
 from .shards import SHARDS, ShardWriter, build_index, finished_shards, remove_stale_temporaries, shard_name, write_atomic
 from .sources import open_input
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from itertools import count
-from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -34,13 +33,6 @@ def load_models(folder: str | None, dtype: torch.dtype, device: torch.device | s
     if not with_text or text is None:
         return vision.to(device), None, None
     return vision.to(device), text.to(device), tokenizer
-
-
-def image_processor(folder: str | None, encoder: PS3VisionEncoder) -> PS3ImageProcessor:
-    """The checkpoint's processor (mean, std, filter) when it has one, else PS3's defaults."""
-    if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
-        return PS3ImageProcessor.from_pretrained(folder)
-    return PS3ImageProcessor(image_size=encoder.ps3_scales[-1])
 
 
 class ImagePrep:

@@ -121,6 +121,7 @@ def load_towers(
     folder: str | os.PathLike | None = None,
     text_folder: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    with_text: bool = True,
 ) -> PS3Towers:
     """The vision tower, text tower and tokenizer of the built-in model (``folder=None``) or
     of a checkpoint folder, in eval mode on the CPU.
@@ -130,11 +131,14 @@ def load_towers(
     ``ps3_text_model`` or ``ps3`` folder). The tokenizer is read from the text tower's folder
     (a ``tokenizer_config.json`` written by :class:`PS3Tokenizer`); ``text`` and
     ``tokenizer`` are None where there is none. Raises ``OSError`` for a folder that is not
-    a checkpoint and ``ValueError`` for one of the wrong kind.
+    a checkpoint and ``ValueError`` for one of the wrong kind. ``with_text=False`` loads the
+    vision tower alone (``text`` and ``tokenizer`` None).
     """
     if folder is None and text_folder is not None:
         raise ValueError("text_folder needs a vision checkpoint folder too (the built-in model has its own text tower)")
     if folder is None:
+        if not with_text:
+            return PS3Towers(demo_model().to(dtype), None, None)
         return PS3Towers(demo_model().to(dtype), demo_text_model().to(dtype), demo_tokenizer())
     folder = Path(folder)
     kind = _model_type(folder)
@@ -142,7 +146,7 @@ def load_towers(
         raise ValueError(f"{folder} holds a {kind or 'non-PS3'} model, not a PS3 vision or combined (ps3) checkpoint")
     vision = PS3VisionModel.from_pretrained(folder, dtype=dtype).eval()
     text_source = Path(text_folder) if text_folder is not None else folder if kind == "ps3" else None
-    if text_source is None:
+    if text_source is None or not with_text:
         return PS3Towers(vision, None, None)
     if text_folder is not None and _model_type(text_source) not in ("ps3", "ps3_text_model"):
         raise ValueError(f"{text_source} holds no PS3 text tower (model_type ps3_text_model or ps3)")

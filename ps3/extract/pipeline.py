@@ -29,10 +29,8 @@ def load_models(folder: str | None, dtype: torch.dtype, device: torch.device | s
     """``(vision model, text model or None, tokenizer or None)`` on ``device``, from a
     checkpoint folder or the small built-in random model (``folder=None``), as
     :func:`ps3.demo.load_towers` finds them; the text side only when ``with_text``."""
-    vision, text, tokenizer = load_towers(folder, dtype=dtype)
-    if not with_text or text is None:
-        return vision.to(device), None, None
-    return vision.to(device), text.to(device), tokenizer
+    vision, text, tokenizer = load_towers(folder, dtype=dtype, with_text=with_text)
+    return vision.to(device), None if text is None else text.to(device), tokenizer
 
 
 class ImagePrep:

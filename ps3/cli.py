@@ -119,7 +119,7 @@ def _load(args, dtype: torch.dtype) -> tuple[PS3Towers, PS3ImageProcessor]:
     if args.prompt and towers.tokenizer is None:
         raise UsageError(f"--prompt needs a tokenizer, and {args.text_model or args.model} has no PS3 tokenizer_config.json")
     try:
-        processor = image_processor(args.model, towers.vision.vision_model)
+        processor = image_processor(args.model, towers.vision.config.ps3_scales)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {args.model}: bad preprocessor_config.json ({err})") from None
     return towers, processor

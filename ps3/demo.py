@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
 from .configuration_ps3 import PS3TextConfig, PS3VisionConfig
 from .image_processing_ps3 import PS3ImageProcessor
-from .modeling_ps3 import PS3TextModel, PS3VisionEncoder, PS3VisionModel
+from .modeling_ps3 import PS3TextModel, PS3VisionModel
 from .tokenization_ps3 import TOKENIZER_CONFIG_NAME, PS3Tokenizer
 
 DEMO_CONTEXT_LENGTH = 64
@@ -89,12 +89,12 @@ def demo_text_model(seed: int = 1, **overrides) -> PS3TextModel:
     return randomize_parameters_(PS3TextModel(demo_text_config(**overrides)), seed).eval()
 
 
-def image_processor(folder: str | None, encoder: PS3VisionEncoder) -> PS3ImageProcessor:
-    """The checkpoint's processor (mean, std, filter) when its folder has one, else PS3's defaults
-    at the encoder's largest scale."""
-    if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
+def image_processor(folder: str | os.PathLike | None, scales: Sequence[int]) -> PS3ImageProcessor:
+    """The checkpoint's processor (mean, std, filter) when its folder has one (a hub id is asked
+    for one), else PS3's defaults at the largest of the model's ``scales``."""
+    if folder is not None and ((Path(folder) / "preprocessor_config.json").is_file() or not Path(folder).exists()):
         return PS3ImageProcessor.from_pretrained(folder)
-    return PS3ImageProcessor(image_size=encoder.ps3_scales[-1])
+    return PS3ImageProcessor(image_size=scales[-1])
 
 
 class PS3Towers(NamedTuple):

@@ -110,7 +110,7 @@ def _setup(args, device: torch.device, dtype: torch.dtype, look: dict):
             raise ValueError(f"--prompt needs a tokenizer and {where} has no tokenizer_config.json")
         with torch.inference_mode():
             prompt = text_model(tokenizer([args.prompt]).to(device)).prompt.to(dtype)
-    processor = image_processor(args.model, model.vision_model)
+    processor = image_processor(args.model, model.config.ps3_scales)
     encoder = FeatureEncoder(model, processor, args.features, args.layer, look, prompt)
     settings = {
         "format": 1,

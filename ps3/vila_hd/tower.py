@@ -5,13 +5,13 @@ it by changing one import (``from ps3.vision_tower import PS3VisionTower``)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..configuration_ps3 import PS3VisionConfig
+from ..demo import image_processor
 from ..image_processing_ps3 import PS3ImageProcessor
 from ..modeling_ps3 import PS3VisionEncoder, PS3VisionModel
 from .settings import config_value, parse_dtype
@@ -63,10 +63,7 @@ class PS3VisionTower(nn.Module):
         model = PS3VisionModel.from_pretrained(self.vision_tower_name, **kwargs)
         processor = self._image_processor_arg
         if processor is None:
-            if (Path(self.vision_tower_name) / "preprocessor_config.json").exists() or not Path(self.vision_tower_name).exists():
-                processor = PS3ImageProcessor.from_pretrained(self.vision_tower_name)
-            else:
-                processor = PS3ImageProcessor(image_size=model.config.ps3_scales[-1])
+            processor = image_processor(self.vision_tower_name, model.config.ps3_scales)
         self._attach(model, processor)
 
     def _attach(self, model: PS3VisionModel, image_processor: PS3ImageProcessor) -> None:

@@ -62,7 +62,8 @@ def trunk_pos_embed(encoder: PS3VisionEncoder, grid: tuple[int, int], pos_mode: 
     ``"crop"`` resamples the square table to ``max(h, w)`` and crops ``[:h, :w]`` (what PS3
     and :meth:`PS3VisionEncoder.encode_dense` do); ``"exact"`` resamples it straight to
     ``(h, w)`` (what LLaVA-UHD does for slices of native aspect). Bicubic with antialias,
-    in fp32, like PS3's table.
+    in fp32, like PS3's table. A C-RADIO trunk crops its native table to ``[:h, :w]`` in both
+    modes, as upstream's cropped position embedding does.
     """
     if pos_mode not in POS_MODES:
         raise ValueError(f"pos_mode must be one of {POS_MODES}, got {pos_mode!r}")

@@ -3,7 +3,9 @@
 Upstream builds its ViT trunk by ``timm`` name. This package needs no timm: the known trunks
 are described in :data:`KNOWN_TRUNKS`, and any other ``model_name`` is defined by the
 explicit fields ``depth``, ``num_heads``, ``mlp_ratio`` and ``patch_size`` (width is
-``hidden_size``), which is how small random test models are written.
+``hidden_size``), which is how small random test models are written. ``radio: true`` makes
+it a C-RADIO trunk (cropped position embedding, optional final norm, the SigLIP adapter MLP
+``radio_adapter_mlp_*`` before the MAP head).
 """
 
 from __future__ import annotations
@@ -14,8 +16,21 @@ from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """Shape of C-RADIO's SigLIP adapter MLP (``ps3.radio_adapter``)."""
+
+    version: str  # "v1" or "v2"
+    input_dim: int
+    hidden_dim: int
+    output_dim: int
+    num_inner: int
+
+
+@dataclass(frozen=True)
 class TrunkSpec:
-    """Shape of the ViT trunk (SigLIP style: no class token, MAP attention-pool head)."""
+    """Shape of the ViT trunk: no class token, MAP attention-pool head. SigLIP trunks keep the
+    defaults; C-RADIO trunks crop their position table instead of resampling it
+    (``cropped_pos_embed``), may drop the final norm, and put ``adapter`` before the MAP head."""
 
     width: int
     depth: int
@@ -23,22 +38,43 @@ class TrunkSpec:
     mlp_ratio: float
     patch_size: int
     img_size: int
+    cropped_pos_embed: bool = False
+    final_norm: bool = True
+    adapter: AdapterSpec | None = None
 
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
 
     @property
+    def pool_shape(self) -> tuple[int, int, float]:
+        """``(width, heads, mlp_ratio)`` of the MAP head: the trunk's own, or for a C-RADIO
+        trunk upstream's SigLIP-shaped head over the adapter's output."""
+        if self.adapter is None:
+            return self.width, self.num_heads, self.mlp_ratio
+        return self.adapter.output_dim, RADIO_POOL_NUM_HEADS, RADIO_POOL_MLP_RATIO
+
+    @property
     def mlp_hidden(self) -> int:
         return int(self.width * self.mlp_ratio)
 
 
+# timm's shapes of the trunks upstream's configs name; ``width`` must agree with ``hidden_size``.
 KNOWN_TRUNKS: dict[str, dict] = {
-    "vit_so400m_patch14_siglip_378": dict(depth=27, num_heads=16, mlp_ratio=3.7362, patch_size=14, img_size=378),
-    "vit_so400m_patch14_siglip_384": dict(depth=27, num_heads=16, mlp_ratio=3.7362, patch_size=14, img_size=384),
+    "vit_so400m_patch14_siglip_378": dict(width=1152, depth=27, num_heads=16, mlp_ratio=3.7362, patch_size=14, img_size=378),
+    "vit_so400m_patch14_siglip_384": dict(width=1152, depth=27, num_heads=16, mlp_ratio=3.7362, patch_size=14, img_size=384),
+    "vit_large_patch16_224": dict(width=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=16, img_size=224),
 }
 
 _EXPLICIT_TRUNK_FIELDS = ("depth", "num_heads", "mlp_ratio", "patch_size")
+ADAPTER_VERSIONS = ("v1", "v2")
+# Upstream rebuilds a C-RADIO trunk's MAP head SigLIP-SO400M-shaped over the adapter's output.
+RADIO_POOL_NUM_HEADS = 16
+RADIO_POOL_MLP_RATIO = 3.7362
+
+
+def _is_int(value, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
 class PS3VisionConfig(PretrainedConfig):
@@ -65,6 +101,11 @@ class PS3VisionConfig(PretrainedConfig):
         highres_selection_module_depth: int = 3,
         highres_selection_module_kernel_size: int = 28,
         radio: bool = False,
+        radio_adapter_mlp_version: str | None = None,
+        radio_adapter_mlp_input_dim: int | None = None,
+        radio_adapter_mlp_hidden_dim: int | None = None,
+        radio_adapter_mlp_output_dim: int | None = None,
+        radio_adapter_mlp_num_inner: int | None = None,
         img_size: int | None = None,
         drop: float = 0.0,
         class_token: bool | None = None,
@@ -97,6 +138,11 @@ class PS3VisionConfig(PretrainedConfig):
         self.highres_selection_module_depth = highres_selection_module_depth
         self.highres_selection_module_kernel_size = highres_selection_module_kernel_size
         self.radio = radio
+        self.radio_adapter_mlp_version = radio_adapter_mlp_version
+        self.radio_adapter_mlp_input_dim = radio_adapter_mlp_input_dim
+        self.radio_adapter_mlp_hidden_dim = radio_adapter_mlp_hidden_dim
+        self.radio_adapter_mlp_output_dim = radio_adapter_mlp_output_dim
+        self.radio_adapter_mlp_num_inner = radio_adapter_mlp_num_inner
         self.img_size = img_size
         self.drop = drop
         self.class_token = class_token
@@ -113,10 +159,11 @@ class PS3VisionConfig(PretrainedConfig):
 
         The position table's native size is ``img_size`` when set (as upstream passes it to
         timm), else the known trunk's own, else the low-res scale. ``from_pretrained`` fills
-        ``img_size`` from the checkpoint's ``pos_embed`` when the config is silent.
+        ``img_size`` from the checkpoint's ``pos_embed`` when the config is silent. With
+        ``radio`` the table is cropped instead of resampled, the final norm is kept only with
+        ``final_norm``, and the ``radio_adapter_mlp_*`` fields shape the adapter (as upstream's
+        ``radio`` branch; SigLIP trunks ignore ``final_norm`` there too).
         """
-        if self.radio:
-            raise ValueError("config.radio=True (C-RADIO trunks) is not supported by this package")
         if self.class_token:
             raise ValueError("config.class_token must be false: PS3 trunks have no prefix tokens")
         for name in ("drop_path", "patch_drop"):
@@ -124,6 +171,10 @@ class PS3VisionConfig(PretrainedConfig):
                 raise ValueError(f"config.{name}={getattr(self, name)} is not supported (stochastic depth / patch dropout)")
         if self.model_name in KNOWN_TRUNKS:
             fields = dict(KNOWN_TRUNKS[self.model_name])
+            known_width = fields.pop("width")
+            if self.hidden_size != known_width:
+                raise ValueError(f"config.hidden_size={self.hidden_size!r} but the trunk {self.model_name!r} is "
+                                 f"{known_width} wide (upstream's timm model has that width whatever the config says)")
         else:
             missing = [f for f in _EXPLICIT_TRUNK_FIELDS if getattr(self, f, None) is None]
             if missing:
@@ -138,7 +189,7 @@ class PS3VisionConfig(PretrainedConfig):
         fields["width"] = self.hidden_size
         for name in ("width", "depth", "num_heads", "patch_size", "img_size"):
             value = fields[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value, 1):
                 label = "hidden_size" if name == "width" else name
                 raise ValueError(f"config.{label} must be a positive int, got {value!r}")
         ratio = fields["mlp_ratio"]
@@ -149,7 +200,28 @@ class PS3VisionConfig(PretrainedConfig):
         if fields["img_size"] < fields["patch_size"]:
             raise ValueError(f"config.img_size={fields['img_size']} must be at least the patch size {fields['patch_size']}")
         fields["mlp_ratio"] = float(ratio)
+        if self.radio:
+            fields.update(cropped_pos_embed=True, final_norm=bool(self.final_norm), adapter=self._adapter_spec(fields["width"]))
         return TrunkSpec(**fields)
+
+    def _adapter_spec(self, width: int) -> AdapterSpec:
+        """The ``radio_adapter_mlp_*`` fields, checked: the adapter reads the trunk's tokens and
+        feeds the 16-head MAP head."""
+        version = self.radio_adapter_mlp_version
+        if version not in ADAPTER_VERSIONS:
+            raise ValueError(f"config.radio_adapter_mlp_version must be one of {ADAPTER_VERSIONS} when radio=True, got {version!r}")
+        dims = {f: getattr(self, f"radio_adapter_mlp_{f}") for f in ("input_dim", "hidden_dim", "output_dim", "num_inner")}
+        for name, value in dims.items():
+            if not _is_int(value, 0 if name == "num_inner" else 1):
+                kind = "an int >= 0" if name == "num_inner" else "a positive int"
+                raise ValueError(f"config.radio_adapter_mlp_{name} must be {kind} when radio=True, got {value!r}")
+        if dims["input_dim"] != width:
+            raise ValueError(f"config.radio_adapter_mlp_input_dim={dims['input_dim']} must equal the trunk width "
+                             f"hidden_size={width}: the adapter reads the trunk's tokens")
+        if dims["output_dim"] % RADIO_POOL_NUM_HEADS:
+            raise ValueError(f"config.radio_adapter_mlp_output_dim={dims['output_dim']} must be divisible by the "
+                             f"{RADIO_POOL_NUM_HEADS} heads of the MAP head upstream builds over the adapter")
+        return AdapterSpec(version=version, **dims)
 
     def adopt_pos_grid(self, grid: int) -> None:
         """Take the trunk's position grid from a checkpoint when the config names no ``img_size``.

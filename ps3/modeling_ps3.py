@@ -96,21 +96,26 @@ class PS3VisionEncoder(nn.Module):
 
     # ----- trunk passes -----
 
-    def _pos_table(self, size: tuple[int, int]) -> torch.Tensor:
+    def _check_pos_grid(self, size: tuple[int, int]) -> None:
         grid = self.trunk.grid_size
         if size != (grid, grid) and not self.config.dynamic_img_size:
             raise ValueError(f"config.dynamic_img_size is off, so the trunk's position embedding only fits its {grid}x{grid} "
                              f"grid (img_size {self.spec.img_size}), but this input needs {size[0]}x{size[1]}; upstream's "
                              "timm trunk refuses such inputs too. Set dynamic_img_size=True to resample it.")
+        self.trunk.check_pos_grid(size)
+
+    def _pos_table(self, size: tuple[int, int]) -> torch.Tensor:
+        self._check_pos_grid(size)
         return self.trunk.pos_table(size)
 
     def pos_embed_for_grid(self, h: int, w: int, exact: bool = False) -> torch.Tensor:
         """Position embedding of an ``(h, w)`` token grid, ``(h*w, C)``.
 
         PS3 resamples the square table to ``max(h, w)`` and crops ``[:h, :w]``; ``exact``
-        resamples straight to ``(h, w)`` instead (LLaVA-UHD's slices).
+        resamples straight to ``(h, w)`` instead (LLaVA-UHD's slices). A C-RADIO trunk crops
+        its table to ``[:h, :w]`` either way, as upstream's CPE does.
         """
-        if exact:
+        if exact or self.spec.cropped_pos_embed:
             return self._pos_table((h, w))
         side = max(h, w)
         return self._pos_table((side, side)).view(side, side, -1)[:h, :w].reshape(h * w, -1)
@@ -137,22 +142,34 @@ class PS3VisionEncoder(nn.Module):
             cache = [tuple(t.view(B, h * w, heads, hd).transpose(1, 2).contiguous() for t in kv) for kv in out.kv_cache]
         return hidden, cache
 
+    def _look_pos_rows(self, layout: LookLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """One table with every look grid's position rows, and each token's row in it. Each grid
+        is the top-left corner of a square table: one resampled table per distinct side, or for
+        a C-RADIO trunk the native table itself, indexed in place (nothing is copied)."""
+        side = [[max(g) for g in gb] for gb in layout.grids]
+        sides = sorted({s for row in side for s in row})
+        if self.spec.cropped_pos_embed:
+            for s in sides:
+                self._check_pos_grid((s, s))
+            native = [[self.trunk.grid_size] * len(row) for row in side]
+            return self.trunk.pos_embed[0], layout.grid_index(native, [[0] * len(row) for row in side])
+        offset = dict(zip(sides, itertools.accumulate((s * s for s in sides), initial=0)))
+        pos_table = torch.cat([self._pos_table((s, s)) for s in sides])
+        return pos_table, layout.grid_index(side, [[offset[s] for s in row] for row in side])
+
     def _encode_looks(self, images, layout: LookLayout, cache, keep: int) -> TrunkOutput:
         """The selected patches embedded (sparse patch embed, position tables gathered per token)
         and run through the trunk as one packed batch, each look's sequence attending to its
         image's low-res K/V ``cache``. ``images``: the (B, 3, H, W) batch (read in place) or a list."""
-        side = [[max(g) for g in gb] for gb in layout.grids]  # each grid is cropped from a square table
-        sides = sorted({s for row in side for s in row})
-        offset = dict(zip(sides, itertools.accumulate((s * s for s in sides), initial=0)))
-        pos_table = torch.cat([self._pos_table((s, s)) for s in sides])
-        pos_index = layout.grid_index(side, [[offset[s] for s in row] for row in side])
+        pos_table, pos_index = self._look_pos_rows(layout)
+        num_images = len(layout.grids)
         res_table = res_index = None
         if self.config.separate_pos_emb:
             full = [s // self.patch_size for s in self.ps3_scales[1:]]
             res_off = list(itertools.accumulate((f * f for f in full), initial=0))[:-1]
             res_table = torch.cat([r[0] for r in self.pos_emb_residual])
-            res_index = layout.grid_index([full] * len(side), [res_off] * len(side))
-        hw = [images.shape[-2:]] * len(side) if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
+            res_index = layout.grid_index([full] * num_images, [res_off] * num_images)
+        hw = [images.shape[-2:]] * num_images if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj
         tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos_table, pos_index,
@@ -161,8 +178,9 @@ class PS3VisionEncoder(nn.Module):
         return self.trunk(tokens, seqs, prefix=cache, keep_layers=keep)
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The trunk's MAP head over final-normed ``(B, N, C)`` tokens (``mask``: the ones to pool), ``(B, C)``."""
-        return self.trunk.attn_pool(self.trunk.norm(tokens), mask)
+        """The trunk's MAP head over ``(B, N, width)`` tokens after its final norm (and a C-RADIO
+        trunk's adapter); ``mask``: the ones to pool. ``(B, pool width)``: 1152 for PS3-C-RADIO."""
+        return self.trunk.pool(tokens, mask)
 
     # ----- selection scoring -----
 

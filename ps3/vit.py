@@ -1,4 +1,4 @@
-"""The SigLIP-style ViT trunk of PS3, with timm's parameter names so checkpoints load.
+"""The ViT trunk of PS3 (SigLIP or C-RADIO), with timm's parameter names so checkpoints load.
 
 Unlike timm's ``VisionTransformer`` it runs on *packed* token sequences: ``x`` is
 ``(total_tokens, width)`` and ``cu_seqlens`` splits it into sequences (one per image for the
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ps3_kernels import PackedSequences, varlen_prefix_attention  # PackedSequences: also importable from here
 
 from .configuration_ps3 import TrunkSpec
+from .radio_adapter import build_adapter
 
 
 class Mlp(nn.Module):
@@ -67,16 +68,16 @@ class Block(nn.Module):
 class AttentionPoolLatent(nn.Module):
     """MAP head: one learned query attends over the tokens, then a residual MLP."""
 
-    def __init__(self, spec: TrunkSpec):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.num_heads = spec.num_heads
-        self.head_dim = spec.head_dim
-        self.latent = nn.Parameter(torch.zeros(1, 1, spec.width))
-        self.q = nn.Linear(spec.width, spec.width)
-        self.kv = nn.Linear(spec.width, spec.width * 2)
-        self.proj = nn.Linear(spec.width, spec.width)
-        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
-        self.mlp = Mlp(spec.width, spec.mlp_hidden)
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, width))
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, width * 2)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: (B, N, C); ``mask``: (B, N) bool of the tokens to pool over, or None."""
@@ -103,7 +104,9 @@ class TrunkOutput:
 
 
 class VisionTrunk(nn.Module):
-    """timm-named ViT trunk: ``patch_embed``, ``pos_embed``, ``blocks``, ``norm``, ``attn_pool``."""
+    """timm-named ViT trunk: ``patch_embed``, ``pos_embed``, ``blocks``, ``norm``, ``attn_pool``,
+    and for C-RADIO the adapter ``siglip_proj`` (``norm`` is then parameter-free unless the
+    config keeps the final norm)."""
 
     def __init__(self, spec: TrunkSpec):
         super().__init__()
@@ -112,8 +115,9 @@ class VisionTrunk(nn.Module):
         self.grid_size = spec.img_size // spec.patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, spec.width))
         self.blocks = nn.ModuleList([Block(spec) for _ in range(spec.depth)])
-        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
-        self.attn_pool = AttentionPoolLatent(spec)
+        self.norm = nn.LayerNorm(spec.width, eps=1e-6) if spec.final_norm else nn.Identity()
+        self.attn_pool = AttentionPoolLatent(*spec.pool_shape)
+        self.siglip_proj = build_adapter(spec.adapter) if spec.adapter is not None else None
         self.grad_checkpointing = False
         self._pos_cache: dict = {}
 
@@ -122,12 +126,33 @@ class VisionTrunk(nn.Module):
         in backward instead of keeping its activations."""
         self.grad_checkpointing = enable
 
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The MAP head over ``(B, N, width)`` tokens after the final norm (and the C-RADIO adapter),
+        ``(B, pool width)``; ``mask``: ``(B, N)`` bool of the tokens to pool, or None."""
+        x = self.norm(tokens)
+        if self.siglip_proj is not None:
+            x = self.siglip_proj(x)
+        return self.attn_pool(x, mask)
+
+    def check_pos_grid(self, size: tuple[int, int]) -> None:
+        """A cropped table (C-RADIO's CPE) covers only grids up to its own; anything else is resampled."""
+        grid = self.grid_size
+        if self.spec.cropped_pos_embed and (size[0] > grid or size[1] > grid):
+            raise ValueError(f"this C-RADIO trunk crops its {grid}x{grid} position table (img_size {self.spec.img_size}, "
+                             f"patch {self.spec.patch_size}) instead of resampling it, so it cannot cover a "
+                             f"{size[0]}x{size[1]} token grid; that needs img_size >= {max(size) * self.spec.patch_size}")
+
     def pos_table(self, size: tuple[int, int]) -> torch.Tensor:
-        """``pos_embed`` resampled (bicubic, antialias, fp32) to a ``size`` grid, ``(h*w, C)``; cached per
-        size (upstream resamples every call) but not under torch.compile or while it needs gradients."""
+        """``pos_embed`` for a ``size`` grid, ``(h*w, C)``: its top-left ``size`` corner for a C-RADIO
+        trunk (upstream's CPE), else resampled (bicubic, antialias, fp32) to ``size``; the resampled
+        tables are cached per size (upstream resamples every call) but not under torch.compile or
+        while they need gradients."""
         pos, grid = self.pos_embed, self.grid_size
         if size == (grid, grid):
             return pos[0]
+        if self.spec.cropped_pos_embed:
+            self.check_pos_grid(size)
+            return pos[0].view(grid, grid, -1)[: size[0], : size[1]].reshape(size[0] * size[1], -1)
         cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and pos.requires_grad)
         key = (size, pos.data_ptr(), pos._version, pos.dtype, pos.device) if cacheable else None
         if cacheable and key in self._pos_cache:

@@ -30,7 +30,7 @@ RADIO_MODELS = ("radio3", "radio4", "radio3_v1", "radio_pool1152")
 RADIO_CASES = [c for c in case_names() if load_case(c)[0].get("model") in RADIO_MODELS]
 GRAD_CASES = [c for c in RADIO_CASES if "grad" in load_case(c)[0]]
 SEEDED_CASES = [c for c in RADIO_CASES if load_case(c)[0]["call"] == "vision_seeded_weights"]
-GRAD_TOL = 1e-5
+GRAD_TOL = PARITY_TOL  # gradients too: fp32 summation-order noise is ~1e-6
 
 
 def test_radio_fixtures_present():
@@ -40,7 +40,8 @@ def test_radio_fixtures_present():
 # ----------------------------------------------------------------------------- parity with upstream
 
 
-@pytest.mark.parametrize("case", ["r3_topdown_wide_look2", "r3_pooled_gt", "r4_tokens_wide", "rv1_wide_look2"])
+# Interpreted on the CPU, so a few; the Triton gradient cases below check their forward outputs too.
+@pytest.mark.parametrize("case", ["r3_topdown_wide_look2", "r4_tokens_wide"])
 def test_radio_parity_triton_backend(case):
     pytest.importorskip("triton")
     check_case(case, "triton")
@@ -96,23 +97,28 @@ def _call(model, meta, tensors, grad: bool, device="cpu"):
 
 
 def gradient_errors(case: str, backend: str) -> dict[str, float]:
-    """Relative error of every parameter's (and the prompt's) gradient against upstream's for the
-    case's loss, by upstream's parameter name; a gradient that is missing on one side only: inf."""
+    """Relative error of every output (``out.*``) and of every parameter's (and the prompt's)
+    gradient (``grad.*``, by upstream's parameter name) against upstream's for the case's loss;
+    a different selection or a gradient that is missing on one side only: inf."""
     meta, tensors = load_case(case)
     device = DEVICE if backend == "triton" else "cpu"
     model = PS3VisionModel.from_pretrained(FIXTURES / "models" / meta["model"]).to(device).train()
     with use_backend(backend):
         out, inputs = _call(model, meta, tensors, grad=True, device=device)
         got = flatten_output(out)
-        for key in (k for k in tensors if k.startswith("out.selection_maps.")):
-            assert torch.equal(got[key[4:]].cpu().to(torch.uint8), tensors[key]), key  # the same looks
         loss = sum((got[k] * tensors[f"aux.loss_w.{k}"].to(device)).sum() for k in meta["grad"]["loss_terms"])
         loss.backward()
+    errors = {}
+    for key, ref in ((k, v) for k, v in tensors.items() if k.startswith("out.")):
+        value = got[key[4:]].detach().cpu()
+        if key.startswith("out.selection_maps."):
+            errors[key] = 0.0 if torch.equal(value.to(ref.dtype), ref) else float("inf")
+        else:
+            errors[key] = rel_err(value, ref)
     grads = {f"grad.{n}": p.grad for n, p in model.named_parameters()}
     if "prompt" in inputs:
         grads["grad.in.prompt"] = inputs["prompt"].grad
     expected = {k for k in tensors if k.startswith("grad.")}
-    errors = {}
     for key, g in grads.items():
         if key in expected:
             errors[key] = float("inf") if g is None else rel_err(g.cpu(), tensors[key])
@@ -125,7 +131,7 @@ def gradient_errors(case: str, backend: str) -> dict[str, float]:
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_radio_gradient_parity_torch_backend(case):
     errors = gradient_errors(case, "torch")
-    assert len(errors) > 20
+    assert sum(k.startswith("grad.") for k in errors) > 20 and any(k.startswith("out.") for k in errors)
     bad = {k: e for k, e in errors.items() if not e <= GRAD_TOL}
     assert not bad, bad
 
@@ -300,3 +306,21 @@ def test_siglip_trunks_ignore_final_norm():
     spec = tiny_vision_config(final_norm=False).trunk_spec()
     assert spec.final_norm and not spec.cropped_pos_embed and spec.adapter is None
     assert spec.pool_shape == (64, 2, 2.0)
+
+
+def test_radio_forward_has_no_host_reads_and_traces_as_one_graph(radio_model):
+    """The cropped tables and the adapter keep the forward free of host syncs and graph breaks."""
+    from test_no_host_sync import forbid_host_reads
+
+    images = [torch.randn(3, 96, 64), torch.randn(3, 64, 80)]
+    with torch.no_grad(), use_backend("torch"), forbid_host_reads():
+        radio_model(images, prompt=torch.randn(2, 64), num_look_close=2)
+        radio_model(images, output_hidden_states=False, is_global_text=torch.tensor([True, False]))
+    x = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(radio_model, backend="eager", fullgraph=True)
+    try:
+        with torch.no_grad(), use_backend("torch"):
+            assert torch.equal(compiled(x, output_hidden_states=False).pooled_output,
+                               radio_model(x, output_hidden_states=False).pooled_output)
+    finally:
+        torch._dynamo.reset()

@@ -225,6 +225,11 @@ class PS3VisionEncoder(nn.Module):
     # ops and the look layout; upstream's dense (B, h, w) maps and (layers, 2, B, heads, N,
     # head_dim) KV cache are their interface.
 
+    def _kept_layers(self) -> int:
+        """How many of the last layers the hidden states hold: upstream slices them with
+        ``[-num_hidden_layers_to_return:]``, so 0 (or more than the depth) means all."""
+        return len(range(self.layers)[-self.num_hidden_layers_to_return:])
+
     def _check_input(self, image: torch.Tensor) -> None:
         weight = self.trunk.pos_embed
         if image.dtype != weight.dtype or image.device != weight.device:
@@ -392,7 +397,7 @@ class PS3VisionEncoder(nn.Module):
         if pool_gt_token_only and gt_maps is None:
             raise ValueError("pool_gt_token_only needs gt_selection_maps")
         layout, n = self._look_layout(x, grids, selection_maps)
-        keep = self.num_hidden_layers_to_return if output_hidden_states else 1
+        keep = self._kept_layers() if output_hidden_states else 1
         out = self._encode_looks(x, layout, kv_cache, keep, return_kv=return_kv_cache)
         hidden = [h.view(B, n, -1) for h in out.hidden_states]
         if pool_gt_token_only:
@@ -435,7 +440,7 @@ class PS3VisionEncoder(nn.Module):
         plans = plan_batch([[h * w for h, w in g] for g in grids], quotas, args, output_hidden_states, batched)
         layout = LookLayout.select(probs.chosen, plans, grids)
         # 4. High-res pass: all looks of all images as one packed batch over the low-res cache.
-        keep = self.num_hidden_layers_to_return if output_hidden_states else 1
+        keep = self._kept_layers() if output_hidden_states else 1
         high = self._encode_looks(x if batched else images, layout, cache, keep)
 
         # 5. Output: each image's looks merged in (scale, raster) order after its low-res tokens.

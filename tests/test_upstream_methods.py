@@ -39,7 +39,7 @@ _spec.loader.exec_module(recipes)
 METHOD_CASES = [c for c in case_names() if load_case(c)[0]["call"] == "method"]
 # Interpreted Triton is slow: these cover every method on the kernels (scoring, look assignment,
 # sparse patch embed, attention with and without a prefix, a chained cache).
-TRITON_CASES = ["m_looks_v4_tokens_first_n", "m_chained_v4g7", "m_given_maps_unequal", "m_given_maps_pool_gt",
+TRITON_CASES = ["m_low_res_v3", "m_looks_v4_tokens_first_n", "m_chained_v4g7", "m_given_maps_unequal", "m_given_maps_pool_gt",
                 "m_selection_maps_ties"]
 # Recipe outputs that are selection maps: compared exactly.
 MAP_OUTPUTS = {"maps1", "maps2", "union", "a", "b", "both", "c"}
@@ -143,12 +143,17 @@ def test_looks_by_hand_equal_the_forward(model, size):
     assert all(torch.equal(g, r) for g, r in zip(union, ref.selection_maps))
 
 
-def test_step_methods_backward_matches_the_forward(model):
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_step_methods_backward_matches_the_forward(backend_name):
     """Gradients through forward_low_res + forward_high_res (one look on the cache) equal the
-    forward's, for every parameter the high-res tokens depend on."""
+    forward's, for every parameter of the trunk's blocks."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    model = randomize_parameters_(PS3VisionModel(tiny_vision_config(depth=2, select_based_on_layer=[0, 1])),
+                                  seed=31).to(DEVICE if backend_name == "triton" else "cpu").eval()
     vm = model.vision_model
-    x = torch.randn(1, 3, 224, 196, generator=torch.Generator().manual_seed(8))
-    with use_backend("torch"):
+    x = torch.randn(1, 3, 224, 196, generator=torch.Generator().manual_seed(8)).to(vm.prior_prompt.device)
+    with use_backend(backend_name):
         low = vm.forward_low_res(x, return_kv_cache=True)
         with torch.no_grad():
             ref_out = model(x, num_look_close=1)
@@ -160,6 +165,7 @@ def test_step_methods_backward_matches_the_forward(model):
         n_low = vm.low_res_token_num
         want = torch.autograd.grad(out.last_hidden_state[:, n_low:].square().sum(), params)
     assert max(rel_err(g, w) for g, w in zip(got, want)) < 1e-5
+    assert min(g.norm() for g in got) > 0
 
 
 def test_forward_low_res_takes_images_of_different_sizes(model):
@@ -273,6 +279,22 @@ def test_first_n_that_leaves_a_negative_quota_is_an_error():
     probs = [torch.rand(1, 4 * 2**i, 4 * 2**i) for i in range(1, 4)]
     with pytest.raises(ValueError, match="negative quotas"):
         vm.get_selection_maps(probs, only_select_first_n_scale=1)
+
+
+@pytest.mark.parametrize("kept, layers", [(0, 4), (9, 4), (2, 2), (-1, 3)])
+def test_hidden_layers_kept_as_upstream_slices_them(model, kept, layers):
+    """Upstream keeps ``hidden_states[-num_hidden_layers_to_return:]``: 0 means all layers."""
+    vm = model.vision_model
+    x = torch.randn(1, 3, 224, 224)
+    maps = [torch.zeros(1, 8, 8), torch.zeros(1, 16, 16)]
+    maps[0][0, 0, 0] = 1
+    vm.num_hidden_layers_to_return = kept
+    try:
+        with torch.no_grad(), use_backend("torch"):
+            assert len(vm.forward_high_res(x, maps, output_hidden_states=True)["hidden_states"]) == layers
+            assert len(model(x, num_look_close=1).hidden_states) == layers
+    finally:
+        vm.num_hidden_layers_to_return = vm.layers
 
 
 def test_encoder_attributes_and_init_as_upstream(model):

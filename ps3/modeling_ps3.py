@@ -51,7 +51,8 @@ class PS3VisionEncoder(nn.Module):
         if set(kwargs) - {"patch_dropout"}:
             raise TypeError(f"PS3VisionEncoder got unexpected keyword arguments {sorted(set(kwargs) - {'patch_dropout'})}")
         if kwargs.get("patch_dropout", 0):
-            raise ValueError(f"patch_dropout must be 0 (PS3 needs the whole low-res feature map), got {kwargs['patch_dropout']}")
+            raise ValueError(f"patch_dropout must be 0 (PS3 needs the whole low-res feature map), "
+                             f"got {kwargs['patch_dropout']}")
         self.config = config
         self.spec = spec = config.trunk_spec()
         self.ps3_scales = list(config.ps3_scales)
@@ -316,7 +317,8 @@ class PS3VisionEncoder(nn.Module):
         probable patches not in ``old_selection_maps`` (non-zero = taken); a scale with too few
         patches left passes the rest of its quota to the next. Ties: lower raster index first.
         Quotas are carried over on the device and the top-k is one ``assign_looks`` per scale
-        for the whole batch: no host sync and no per-image loop."""
+        for the whole batch: no host sync and no per-image loop. A quota left negative (upstream's
+        top-k fails on it) is a ``ValueError`` where checkable (CPU, checked mode), else 0."""
         num_high = len(self.ps3_scales) - 1
         first = select_probs[0] if isinstance(select_probs, (list, tuple)) and select_probs else None
         if not isinstance(first, torch.Tensor):

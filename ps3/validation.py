@@ -183,7 +183,8 @@ def check_is_global_text(is_global_text, batch: int, device: torch.device) -> to
         bad = ((values != 0) & (values != 1)).nonzero()
         if bad.numel():
             i = int(bad[0])
-            raise ValueError(f"is_global_text must hold only 0 and 1 (or bools), got is_global_text[{i}]={values[i].item()!r}")
+            raise ValueError(f"is_global_text must hold only 0 and 1 (or bools), "
+                             f"got is_global_text[{i}]={values[i].item()!r}")
     return (is_global_text != 0).reshape(batch, 1)
 
 

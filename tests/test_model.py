@@ -283,8 +283,8 @@ def test_upstream_switch_and_mask_types_still_work(model):
         model(x, num_look_close=1, smooth_selection_prob=np.bool_(True), prompt=torch.randn(2, 64).half().float())
 
 
-@pytest.mark.parametrize("mask", [torch.tensor([[1], [0]]), torch.tensor([1.0, 0.0]), torch.tensor([1, 0], dtype=torch.uint8),
-                                  torch.tensor([[1.0], [0.0]], dtype=torch.float64)])
+@pytest.mark.parametrize("mask", [torch.tensor([[1], [0]]), torch.tensor([1.0, 0.0]),
+                                  torch.tensor([1, 0], dtype=torch.uint8), torch.tensor([[1.0], [0.0]], dtype=torch.float64)])
 def test_is_global_text_takes_upstreams_0_1_masks(model, mask):
     """Upstream multiplies by ``is_global_text``, so 0/1 integer and floating masks work there too."""
     x = torch.stack(images((224, 224), (224, 224), seed=16))

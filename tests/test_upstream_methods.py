@@ -39,8 +39,8 @@ _spec.loader.exec_module(recipes)
 METHOD_CASES = [c for c in case_names() if load_case(c)[0]["call"] == "method"]
 # Interpreted Triton is slow: these cover every method on the kernels (scoring, look assignment,
 # sparse patch embed, attention with and without a prefix, a chained cache).
-TRITON_CASES = ["m_low_res_v3", "m_looks_v4_tokens_first_n", "m_chained_v4g7", "m_given_maps_unequal", "m_given_maps_pool_gt",
-                "m_selection_maps_ties"]
+TRITON_CASES = ["m_low_res_v3", "m_looks_v4_tokens_first_n", "m_chained_v4g7", "m_given_maps_unequal",
+                "m_given_maps_pool_gt", "m_selection_maps_ties"]
 # Recipe outputs that are selection maps: compared exactly.
 MAP_OUTPUTS = {"maps1", "maps2", "union", "a", "b", "both", "c"}
 
@@ -236,7 +236,8 @@ def test_step_methods_read_no_device_values():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda vm, x, m, c: vm.forward_high_res(x, m[:1]), ValueError, "selection_maps must be a list of 2"),
-    (lambda vm, x, m, c: vm.forward_high_res(x, [m[0][:, :4], m[1]]), ValueError, r"selection_maps\[0\] must be a \(2, 8, 8\)"),
+    (lambda vm, x, m, c: vm.forward_high_res(x, [m[0][:, :4], m[1]]), ValueError,
+     r"selection_maps\[0\] must be a \(2, 8, 8\)"),
     (lambda vm, x, m, c: vm.forward_high_res(x, [m[0], torch.cat([m[1][:1], m[1][1:] * 0])]), ValueError,
      r"select \[9, 4\] patches per image"),
     (lambda vm, x, m, c: vm.forward_high_res(x, [m[0] * 0, m[1] * 0]), ValueError, "select no patch"),

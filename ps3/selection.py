@@ -85,7 +85,14 @@ class LookLayout:
                 flat[device_table(idx, device), : probs[s][idx[0]].numel()] = torch.stack([probs[s][b].flatten() for b in idx])
             quotas = [[p[l][s] if l < len(p) else 0 for l in range(max_looks)] for p in plans]
             look_maps.append(assign_looks(flat, device_table(quotas, device)))
+        return cls.pack(look_maps, plans, grids)
 
+    @classmethod
+    def pack(cls, look_maps: list[torch.Tensor], plans: list[list[list[int]]], grids: list[tuple[Grid, ...]]) -> "LookLayout":
+        """Pack the patches of ``look_maps`` (per scale ``(B, n_max)``: the look that took each patch,
+        -1 none), of which look ``l`` of image ``b`` takes ``plans[b][l][s]`` from scale ``s``."""
+        device, B = look_maps[0].device, len(grids)
+        n_max = [m.shape[1] for m in look_maps]
         # Sort keys seq * stride + scale_off + raster put the selected patches in packed order.
         seq_image = [b for b in range(B) for _ in plans[b]]
         seq_base = device_table(list(itertools.accumulate((len(p) for p in plans), initial=0))[:-1], device)

@@ -21,7 +21,7 @@ def default_quotas(max_select_num: int, scales: list[int]) -> list[int]:
     return quotas
 
 
-def _look_quotas(max_each: list[int], num_select_token: int | None, first_n: int | None) -> list[int]:
+def look_quotas(max_each: list[int], num_select_token: int | None, first_n: int | None) -> list[int]:
     total = sum(max_each)
     quotas = list(max_each)
     if num_select_token is not None:
@@ -84,7 +84,7 @@ def plan_looks(
     plan = []
     for look in range(looks):
         select_token = first_tokens if look == 0 else (last_tokens if look == looks - 1 else None)
-        quotas = _look_quotas(max_each, select_token, first_n)
+        quotas = look_quotas(max_each, select_token, first_n)
         for i, n in enumerate(num_patches):
             available = n - taken[i]
             if available < quotas[i]:

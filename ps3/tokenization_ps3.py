@@ -139,11 +139,11 @@ class PS3Tokenizer:
             json.dump(self.init_kwargs, f)
         return [path]
 
-    def set_language(self, language: str) -> None:
+    def set_language(self, src_lang: str) -> None:
         """Select the source language on multilingual tokenizers (e.g. XLM-R style); warn elsewhere."""
         setter = getattr(self.tokenizer, "set_src_lang_special_tokens", None)
         if callable(setter):
-            setter(language)
+            setter(src_lang)
         else:
             warnings.warn("Cannot set language for the tokenizer.")
 

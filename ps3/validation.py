@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ps3_kernels import backend
+
 
 @dataclass
 class LookArgs:
@@ -109,6 +111,83 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
         raise ValueError(f"{name} is on {tensor.device} but the images are on {device}; move it with .to({str(device)!r})")
 
 
+def check_prompt(prompt, batch: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """A ``(B, width)`` floating prompt on the images' device, cast to their dtype (or None)."""
+    if prompt is None:
+        return None
+    if not isinstance(prompt, torch.Tensor) or prompt.shape != (batch, width):
+        shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt must be a (B={batch}, {width}) tensor, got {shape}")
+    if not prompt.is_floating_point():
+        raise TypeError(f"prompt must be a floating-point embedding, got {prompt.dtype}")
+    _check_device("prompt", prompt, device)
+    return prompt.to(dtype)
+
+
+def check_gt_maps(gt_selection_maps, batch: int, device: torch.device) -> list[torch.Tensor] | None:
+    """Ground-truth maps as ``batch`` non-empty real ``(H, W)`` tensors on the images' device (or None)."""
+    if gt_selection_maps is None:
+        return None
+    gt_maps = _check_gt_maps(gt_selection_maps, batch)
+    for i, gt in enumerate(gt_maps):
+        _check_device("gt_selection_maps", gt, device)
+        if gt.numel() == 0:
+            raise ValueError(f"gt_selection_maps[{i}] is empty ({tuple(gt.shape)}); give at least a 1x1 map")
+        if gt.is_complex():
+            raise TypeError(f"gt_selection_maps must be real (bool, integer or float), got {gt.dtype}")
+    return gt_maps
+
+
+def check_first_n(first_n, batch: int, num_high: int) -> list[int] | None:
+    """``only_select_first_n_scale`` as one int in ``[1, num_high]`` per image (or None)."""
+    if first_n is None:
+        return None
+    values = [_as_int(v) for v in (first_n if isinstance(first_n, (list, tuple)) else [first_n] * batch)]
+    if len(values) != batch or any(v is None or not 1 <= v <= num_high for v in values):
+        raise ValueError(f"only_select_first_n_scale must be an int in [1, {num_high}] or a list of {batch} such ints, got {first_n!r}")
+    return values
+
+
+def check_num_select_token(value, budget: int) -> int | None:
+    """``get_selection_maps``' token count: an int in ``[0, budget]`` (the per-look budget) or None."""
+    if value is None:
+        return None
+    count = _as_int(value)
+    if count is None or not 0 <= count <= budget:
+        raise ValueError(f"num_select_token must be an int in [0, {budget}] (the per-look budget), got {value!r}")
+    return count
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether argument values may be read on the host: free for CPU tensors; for device tensors
+    only in checked mode (``PS3_KERNELS_CHECKED=1``), as the ops treat their metadata."""
+    return backend.host_readable(t) or (backend.checked_mode(None) and not torch.compiler.is_compiling())
+
+
+def check_is_global_text(is_global_text, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Upstream mixes the two pooled outputs with ``is_global_text`` (multiplying by it), so a bool
+    or a 0/1 integer or floating tensor of shape (B,) or (B, 1) works there. Returned as a bool
+    (B, 1) mask; its values are checked where that needs no device sync (see
+    :func:`values_checkable`), otherwise any non-zero entry counts as 1."""
+    if is_global_text is None:
+        return None
+    ok_shape = isinstance(is_global_text, torch.Tensor) and tuple(is_global_text.shape) in ((batch,), (batch, 1))
+    if not ok_shape or is_global_text.is_complex():
+        got = (f"{tuple(is_global_text.shape)} {is_global_text.dtype}" if isinstance(is_global_text, torch.Tensor)
+               else repr(is_global_text))
+        raise ValueError(f"is_global_text must be a bool or 0/1 integer or floating tensor of shape (B,) or (B, 1) "
+                         f"with B={batch}, got {got}")
+    _check_device("is_global_text", is_global_text, device)
+    if is_global_text.dtype != torch.bool and values_checkable(is_global_text):
+        values = is_global_text.detach().reshape(-1).cpu()
+        bad = ((values != 0) & (values != 1)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"is_global_text must hold only 0 and 1 (or bools), "
+                             f"got is_global_text[{i}]={values[i].item()!r}")
+    return (is_global_text != 0).reshape(batch, 1)
+
+
 def check_look_args(
     images, batched, width, num_high, prompt, gt_selection_maps, is_global_text, output_hidden_states,
     pool_gt_token_only, num_look_close, num_token_look_close, only_select_first_n_scale, select_num_each_scale=None,
@@ -116,14 +195,7 @@ def check_look_args(
     batch, device = len(images), images[0].device
     output_hidden_states = check_flag("output_hidden_states", output_hidden_states)
     pool_gt_token_only = check_flag("pool_gt_token_only", pool_gt_token_only)
-    if prompt is not None:
-        if not isinstance(prompt, torch.Tensor) or prompt.shape != (batch, width):
-            shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-            raise ValueError(f"prompt must be a (B={batch}, {width}) tensor, got {shape}")
-        if not prompt.is_floating_point():
-            raise TypeError(f"prompt must be a floating-point embedding, got {prompt.dtype}")
-        _check_device("prompt", prompt, device)
-        prompt = prompt.to(images[0].dtype)
+    prompt = check_prompt(prompt, batch, width, device, images[0].dtype)
     num_look_close = _check_look_count("num_look_close", num_look_close, False, batch)
     num_token_look_close = _check_look_count("num_token_look_close", num_token_look_close, True, batch)
     if num_look_close is not None and num_token_look_close is not None:
@@ -133,33 +205,15 @@ def check_look_args(
             "num_token_look_close with different per-image counts needs pixel_values as a list of images "
             "(a (B, 3, H, W) batch returns one (B, N, C) tensor, so every image needs the same count)"
         )
-    first_n = only_select_first_n_scale
-    if first_n is not None:
-        values = [_as_int(v) for v in (first_n if isinstance(first_n, (list, tuple)) else [first_n] * batch)]
-        if len(values) != batch or any(v is None or not 1 <= v <= num_high for v in values):
-            raise ValueError(f"only_select_first_n_scale must be an int in [1, {num_high}] or a list of {batch} such ints, got {first_n!r}")
-        first_n = values
+    first_n = check_first_n(only_select_first_n_scale, batch, num_high)
     if output_hidden_states:
         if num_look_close is None and num_token_look_close is None:
             raise ValueError("output_hidden_states=True needs num_look_close or num_token_look_close")
     elif num_look_close is not None or num_token_look_close is not None or first_n is not None:
         raise ValueError("output_hidden_states=False (pre-training mode) takes no num_look_close, num_token_look_close or only_select_first_n_scale")
-    gt_maps = _check_gt_maps(gt_selection_maps, batch) if gt_selection_maps is not None else None
-    for i, gt in enumerate(gt_maps or []):
-        _check_device("gt_selection_maps", gt, device)
-        if gt.numel() == 0:
-            raise ValueError(f"gt_selection_maps[{i}] is empty ({tuple(gt.shape)}); give at least a 1x1 map")
-        if gt.is_complex():
-            raise TypeError(f"gt_selection_maps must be real (bool, integer or float), got {gt.dtype}")
+    gt_maps = check_gt_maps(gt_selection_maps, batch, device)
     if pool_gt_token_only and (gt_maps is None or output_hidden_states):
         raise ValueError("pool_gt_token_only needs gt_selection_maps and output_hidden_states=False")
-    if is_global_text is not None:
-        # Upstream takes a BoolTensor (B, 1) and mixes the two pooled outputs with it.
-        if not isinstance(is_global_text, torch.Tensor) or is_global_text.numel() != batch:
-            raise ValueError(f"is_global_text must be a bool tensor with one entry per image ({batch}), got {is_global_text!r}")
-        if is_global_text.dtype != torch.bool:
-            raise TypeError(f"is_global_text must be a bool tensor, got {is_global_text.dtype} (use .bool() on a 0/1 mask)")
-        _check_device("is_global_text", is_global_text, device)
-        is_global_text = is_global_text.reshape(batch, 1)
+    is_global_text = check_is_global_text(is_global_text, batch, device)
     quotas = None if select_num_each_scale is None else _check_quotas(select_num_each_scale, num_high)
     return LookArgs(prompt, gt_maps, is_global_text, num_look_close, num_token_look_close, first_n, quotas)

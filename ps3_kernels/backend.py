@@ -43,7 +43,12 @@ def get_backend() -> str:
     """The configured backend name (not yet resolved against tensors)."""
     if _backend is not None:
         return _backend
-    return _check(os.environ.get("PS3_KERNELS_BACKEND", "auto"))
+    value = os.environ.get("PS3_KERNELS_BACKEND")
+    if value is None:
+        return "auto"
+    if value.lower() not in BACKENDS:
+        raise ValueError(f"PS3_KERNELS_BACKEND={value!r} is not a backend: set it to one of {BACKENDS} or unset it")
+    return value.lower()
 
 
 def set_backend(name: str | None) -> None:

@@ -243,9 +243,14 @@ BAD_INPUTS = [
     (dict(output_hidden_states=1), TypeError, "output_hidden_states"),
     (dict(num_look_close=None, output_hidden_states=False, pool_gt_token_only=1, gt_selection_maps=torch.ones(1, 4, 4)),
      TypeError, "pool_gt_token_only"),
-    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[0.5]])), TypeError, "is_global_text"),
-    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[1]])), TypeError, "is_global_text"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[0.5]])), ValueError,
+     r"is_global_text must hold only 0 and 1 .* got is_global_text\[0\]=0.5"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[2]])), ValueError, "only 0 and 1"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.tensor([[1j]])), ValueError, "is_global_text"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.ones(1, 2)), ValueError,
+     r"shape \(B,\) or \(B, 1\) with B=1, got \(1, 2\)"),
     (dict(num_look_close=None, output_hidden_states=False, is_global_text=True), ValueError, "is_global_text"),
+    (dict(num_look_close=None, output_hidden_states=False, is_global_text=[1]), ValueError, "is_global_text"),
     (dict(num_look_close=None, output_hidden_states=False, is_global_text=torch.ones(1, 1, dtype=torch.bool, device="meta")),
      ValueError, "is_global_text is on meta"),
     (dict(prompt=torch.ones(1, 64, dtype=torch.long)), TypeError, "prompt must be a floating-point"),
@@ -276,6 +281,32 @@ def test_upstream_switch_and_mask_types_still_work(model):
         assert torch.equal(ref.pooled_output, flat.pooled_output)
         model(x, output_hidden_states=False, pool_gt_token_only=True, gt_selection_maps=gt)
         model(x, num_look_close=1, smooth_selection_prob=np.bool_(True), prompt=torch.randn(2, 64).half().float())
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([[1], [0]]), torch.tensor([1.0, 0.0]),
+                                  torch.tensor([1, 0], dtype=torch.uint8), torch.tensor([[1.0], [0.0]], dtype=torch.float64)])
+def test_is_global_text_takes_upstreams_0_1_masks(model, mask):
+    """Upstream multiplies by ``is_global_text``, so 0/1 integer and floating masks work there too."""
+    x = torch.stack(images((224, 224), (224, 224), seed=16))
+    with torch.no_grad():
+        ref = model(x, output_hidden_states=False, is_global_text=torch.tensor([True, False])).pooled_output
+        assert torch.equal(model(x, output_hidden_states=False, is_global_text=mask).pooled_output, ref)
+
+
+def test_is_global_text_values_on_a_device_are_checked_in_checked_mode(model, monkeypatch):
+    """Reading a GPU mask's values would sync: like the ops' metadata, it is checked only in
+    checked mode; unchecked, any non-zero entry counts as 1."""
+    import ps3_kernels.backend as backend
+
+    monkeypatch.setattr(backend, "host_readable", lambda t: False)
+    x = torch.stack(images((224, 224), (224, 224), seed=17))
+    half = torch.tensor([0.5, 0.0])
+    with torch.no_grad():
+        got = model(x, output_hidden_states=False, is_global_text=half).pooled_output
+        assert torch.equal(got, model(x, output_hidden_states=False, is_global_text=half != 0).pooled_output)
+        monkeypatch.setenv("PS3_KERNELS_CHECKED", "1")
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            model(x, output_hidden_states=False, is_global_text=half)
 
 
 def test_format_features_into_feature_maps_rejects_mismatched_inputs(model):

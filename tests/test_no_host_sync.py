@@ -27,10 +27,18 @@ class HostRead(RuntimeError):
 
 
 @contextlib.contextmanager
-def forbid_host_reads():
+def forbid_host_reads(record: list | None = None):
+    """Every host read of a tensor value raises :class:`HostRead`; with ``record``, each is
+    appended to it (its method name) and allowed instead."""
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
     def refuse(name):
         def method(self, *args, **kwargs):
-            raise HostRead(f"Tensor.{name} reads a device value on the host")
+            if record is None:
+                raise HostRead(f"Tensor.{name} reads a device value on the host")
+            record.append(name)
+            return saved[name](self, *args, **kwargs)
         return method
 
     original_getitem = torch.Tensor.__getitem__
@@ -38,11 +46,11 @@ def forbid_host_reads():
     def getitem(self, index):
         parts = index if isinstance(index, tuple) else (index,)
         if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            raise HostRead("boolean-mask indexing has a data-dependent size")
+            if record is None:
+                raise HostRead("boolean-mask indexing has a data-dependent size")
+            record.append("boolean-mask indexing")
         return original_getitem(self, index)
 
-    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
     host_readable = ps3_kernels.backend.host_readable
     try:
         for n in names:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ps3.bench import scale_set
-from ps3.bench.harness import gpu_ms, op_parser, require_cuda, write_results
+from ps3.bench.harness import bench, op_parser, require_cuda, write_results
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.selection import assign_looks, selection_probs
@@ -90,10 +90,8 @@ def upstream_assign(probs: list[torch.Tensor], case: dict[str, Any], stable: boo
 
 def _graph_ms(fn: Callable[[], Any]) -> float | None:
     """Median time of ``fn`` replayed from a CUDA graph (None if it cannot be captured)."""
-    import triton.testing
-
     try:
-        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        return bench(fn, graph=True).ms
     except RuntimeError as e:
         print(f"  (CUDA graph capture failed: {e})")
         return None
@@ -120,12 +118,12 @@ def main() -> None:
                     got = assign(scaled, case)
                     want = upstream_assign(scaled, case, stable=True)
                     assign_equal = all(torch.equal(g, w) for g, w in zip(got, want))
-                    t_score = gpu_ms(lambda: score(case))
-                    t_assign = gpu_ms(lambda: assign(scaled, case))
+                    t_score = bench(lambda: score(case)).ms
+                    t_assign = bench(lambda: assign(scaled, case)).ms
                     t_assign_graph = _graph_ms(lambda: assign(scaled, case))
                 with use_backend("torch"):
-                    t_score_ref = gpu_ms(lambda: score(case))
-                t_loop = gpu_ms(lambda: upstream_assign(scaled, case))
+                    t_score_ref = bench(lambda: score(case)).ms
+                t_loop = bench(lambda: upstream_assign(scaled, case)).ms
                 row = dict(
                     resolution=resolution, scales=scale_set(resolution), batch=batch, looks=looks,
                     quotas_per_look=[int(q[0, 0]) for q in case["quotas"]], max_abs_prob_err=prob_err,

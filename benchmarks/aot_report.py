@@ -235,14 +235,18 @@ def patch_embed_workload(dtype: torch.dtype, backward: bool = True) -> Callable[
     return run
 
 
-def selection_workload(dtype: torch.dtype, highres: bool) -> Callable[[], None]:
-    """Scoring on the 27x27 grid (1152 channels, channels-last like the model; optional 512 x 54 x 54
-    high-res map), then the look assignment of the largest scale's grid (PS3-4K, 6 looks)."""
+def selection_workload(dtype: torch.dtype, highres: bool, grid: int = 27) -> Callable[[], None]:
+    """Scoring on a ``grid x grid`` map (1152 channels, channels-last like the model; optional 512 x 54 x 54
+    high-res map), forward and backward, then the look assignment of the largest scale's grid (PS3-4K,
+    6 looks). Grids and bins are run-time sizes of the scoring kernels: a small model's 4x4 grid
+    (14x14 bins) builds the same kernels as SO400M's 27x27."""
     def run():
-        feature = _randn(1, 27, 27, WIDTH, dtype=dtype).permute(0, 3, 1, 2)
-        hr = (_randn(1, 512, 54, 54, dtype=dtype), _randn(1, 512, dtype=dtype)) if highres else (None, None)
+        feature = _randn(1, grid, grid, WIDTH, dtype=dtype).permute(0, 3, 1, 2).requires_grad_()
+        hr = [_randn(1, 512, 54, 54, dtype=dtype), _randn(1, 512, dtype=dtype)] if highres else [None, None]
+        hr = [t.requires_grad_() if t is not None else None for t in hr]
         with use_backend("triton"):
-            probs = selection_probs(feature, _randn(1, WIDTH, dtype=dtype), *hr)
+            probs = selection_probs(feature, _randn(1, WIDTH, dtype=dtype).requires_grad_(), *hr)
+            probs.backward(torch.ones_like(probs))
             if highres:
                 grid = RESOLUTION // PATCH
                 assign_looks(_randn(1, grid * grid, dtype=dtype), torch.full((1, 6), 2134))
@@ -259,11 +263,12 @@ class Workload:
 
 
 def workloads(subset: str) -> list[Workload]:
-    """``ci``: bf16 attention (look, fwd+bwd) and the bf16 patch embed; ``full``: every kernel, dtype
-    and variant."""
+    """``ci``: bf16 attention (look, fwd+bwd), the bf16 patch embed and bf16 scoring on a 4x4 grid
+    (fwd+bwd); ``full``: every kernel, dtype and variant."""
     if subset == "ci":
         return [Workload("attention_look", "bf16", attention_workload(torch.bfloat16, prefix=True)),
-                Workload("patch_embed_4k", "bf16", patch_embed_workload(torch.bfloat16))]
+                Workload("patch_embed_4k", "bf16", patch_embed_workload(torch.bfloat16)),
+                Workload("selection_4x4", "bf16", selection_workload(torch.bfloat16, highres=True, grid=4))]
     out = []
     for tag, dtype in DTYPES.items():
         out += [

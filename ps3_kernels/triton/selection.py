@@ -49,16 +49,18 @@ from .common import TL_DTYPES, to_dtype_rtne
 
 _EPS: tl.constexpr = tl.constexpr(1e-12)  # F.normalize's default
 
-# Sizes, strides and flags are run-time integers, not specialised on their values (only a stride
-# of 1 is: that is layout, not geometry), so a new grid or map size reuses the compiled kernel.
-_GEOMETRY = ("C", "h", "w", "C2", "H2", "W2", "kh", "kw", "n", "W", "low_blocks", "rows0", "rows1", "C0", "C1",
-             "need_feat", "need_prompt", "need_hr_feat", "need_hr_prompt")
+_SIZES = ("C", "h", "w", "C2", "H2", "W2", "kh", "kw", "n", "W", "low_blocks", "rows0", "rows1", "C0", "C1",
+          "need_feat", "need_prompt", "need_hr_feat", "need_hr_prompt")
 
 
 def _jit(fn):
+    """``triton.jit`` that compiles one kernel for every geometry: sizes, flags and the batch and row
+    strides (``s*_b``, ``s*_h``) are run-time integers, never specialised on their values; channel
+    and column strides (``s*_c``, ``s*_w``) only on being 1, which is layout (channels-last or not)."""
     names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    return triton.jit(fn, do_not_specialize=[n for n in names if n in _GEOMETRY],
-                      do_not_specialize_on_alignment=[n for n in names if n.startswith("s")])
+    runtime = [n for n in names if n in _SIZES or (n.startswith("s") and n.endswith(("_b", "_h")))]
+    layout = [n for n in names if n.startswith("s") and n.endswith(("_c", "_w"))]
+    return triton.jit(fn, do_not_specialize=runtime, do_not_specialize_on_alignment=layout)
 
 
 # ----------------------------------------------------------------------------- scoring: forward
@@ -309,32 +311,30 @@ def _probs_bwd_kernel(
 @triton.jit
 def _prompt_grad(GradP, Part, PartS, Prompt, b, C, rows, sp_b, sp_c, sg_b, sg_c,
                  DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``F.normalize``'s backward for prompt ``b`` from the ``rows`` partial sums of :func:`_cosine_grad`:
-    ``dp = (u - [|p| >= eps] p/|p| * s) / max(|p|, eps)`` with ``u = sum_i d_i x_i / m_i`` (the gradient
-    of ``normalize(p)``) and ``s = sum_i d_i cos_i = normalize(p) . u``; sums in a fixed order."""
+    """``F.normalize``'s backward for channel block ``program_id(2)`` of prompt ``b``, from the ``rows``
+    partial sums of :func:`_cosine_grad`: ``dp = (u - [|p| >= eps] p/|p| * s) / max(|p|, eps)`` with
+    ``u = sum_i d_i x_i / m_i`` (the gradient of ``normalize(p)``) and ``s = sum_i d_i cos_i =
+    normalize(p) . u``. Every program sums ``|p|`` and ``s`` itself, all in a fixed order."""
     psq = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         p = tl.load(Prompt + b * sp_b + c * sp_c, mask=c < C, other=0.0).to(tl.float32)
         psq += p * p
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
     for r0 in range(0, rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         s += tl.load(PartS + b * rows + r, mask=r < rows, other=0.0)
+        u += tl.load(Part + (b * rows + r)[:, None] * C + c[None, :], mask=(r < rows)[:, None] & c_mask[None, :],
+                     other=0.0)
     n = tl.sqrt_rn(tl.sum(psq, axis=0))
     m = tl.maximum(n, _EPS)
     radial = tl.where(n >= _EPS, tl.sum(s, axis=0) / m, 0.0)  # m == n where it counts
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        u = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            u += tl.load(Part + (b * rows + r)[:, None] * C + c[None, :], mask=(r < rows)[:, None] & c_mask[None, :],
-                         other=0.0)
-        p = tl.load(Prompt + b * sp_b + c * sp_c, mask=c_mask, other=0.0).to(tl.float32)
-        gp = (tl.sum(u, axis=0) - p * radial) / m
-        tl.store(GradP + b * sg_b + c * sg_c, to_dtype_rtne(gp, DTYPE), mask=c_mask)
+    p = tl.load(Prompt + b * sp_b + c * sp_c, mask=c_mask, other=0.0).to(tl.float32)
+    gp = (tl.sum(u, axis=0) - p * radial) / m
+    tl.store(GradP + b * sg_b + c * sg_c, to_dtype_rtne(gp, DTYPE), mask=c_mask)
 
 
 @_jit
@@ -343,7 +343,8 @@ def _prompt_grad_kernel(
     G1, P1, S1, Pr1, C1, rows1, sp1_b, sp1_c, sg1_b, sg1_c,
     DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Prompt gradients of image ``program_id(0)``: program 0 along axis 1 the first prompt's, 1 the second's."""
+    """Prompt gradients of image ``program_id(0)``, channel block ``program_id(2)``: ``program_id(1)``
+    0 the first prompt's, 1 the second's."""
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
         _prompt_grad(G0, P0, S0, Pr0, b, C0, rows0, sp0_b, sp0_c, sg0_b, sg0_c, DTYPE, BLOCK_R, BLOCK_C)
@@ -375,7 +376,7 @@ def _blocks() -> dict[str, int]:
     """Tile sizes; larger under the CPU interpreter (fewer programs, same arithmetic)."""
     if triton_interpreted():
         return dict(probs=32, cos=64, bwd=64, rows=16)
-    return dict(probs=16, cos=32, bwd=32, rows=16)
+    return dict(probs=16, cos=32, bwd=16, rows=16)
 
 
 _SCHEMA = ("(Tensor feature, Tensor prompt, Tensor? highres_feature, Tensor? highres_prompt) "
@@ -466,7 +467,8 @@ def _probs_backward_op(grad, logit, argmax, feature, prompt, highres_feature, hi
             for g, part, part_s, pr, need in ((grads[1], part_p, part_ps, p, need_prompt),
                                                (grads[3], part_q, part_qs, hp, need_hr_prompt)) if need]
     if sets:  # with one prompt to differentiate, the second column of programs (the same arguments) is not launched
-        _prompt_grad_kernel[(B, len(sets))](*sets[0], *sets[-1], DTYPE=dtype, BLOCK_R=blocks["rows"], BLOCK_C=64)
+        grid = (B, len(sets), triton.cdiv(max(args[4] for args in sets), 64))
+        _prompt_grad_kernel[grid](*sets[0], *sets[-1], DTYPE=dtype, BLOCK_R=blocks["rows"], BLOCK_C=64)
     return tuple(grads)
 
 

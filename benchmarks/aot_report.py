@@ -62,7 +62,7 @@ from ps3.bench.harness import environment  # noqa: E402
 from ps3_kernels import use_backend  # noqa: E402
 from suite_stages import stage_workloads  # noqa: E402
 from suite_stages.base import GPU, Workload  # noqa: E402
-from suite_stages.workloads import attention, encoder, patch_embed  # noqa: E402
+from suite_stages.workloads import attention, encoder, patch_embed, selection  # noqa: E402
 from triton_launches import Launch, recorded_launches, signature_key  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -263,16 +263,19 @@ def tiny_test_model(backward: bool) -> Workload:
 
 
 def report_workloads(subset: str) -> dict[str, Workload]:
-    """``ci``: bf16 attention over a prefix and the bf16 patch embed, forward and backward; ``check``:
+    """``ci``: bf16 attention over a prefix, the bf16 patch embed and the bf16 scoring at a 4x4 grid,
+    forward and backward; ``check``:
     the cheap workloads of every kind (the ops at B = 1 in each dtype, three fixture cases, a no-sync
     forward, the tests' tiny model); ``full``: every workload of the suite's stages, then PS3-4K
-    and PS3-1.5K forward and backward passes (SO400M shapes, bf16) and the tests' tiny model."""
-    if subset == "ci":
-        return {w.name: w for w in (attention(GPU, "bf16", 1, True), patch_embed(GPU, "bf16", 1))}
+    and PS3-1.5K forward and backward passes (SO400M shapes, bf16), the scoring's backward, and
+    the tests' tiny model."""
+    if subset == "ci":  # with the scoring at a small model's 4x4 grid: its largest pooling bins
+        return {w.name: w for w in (attention(GPU, "bf16", 1, True), patch_embed(GPU, "bf16", 1),
+                                    selection(GPU, "bf16", 1, backward=True, low_grid=4))}
     if subset == "check":
         from test_model_parity import TRITON_CASES
 
-        from suite_stages.workloads import no_sync_forward, parity_case, selection
+        from suite_stages.workloads import no_sync_forward, parity_case
 
         works = [attention(GPU, tag, 1, look) for tag in ("bf16", "fp16", "fp32") for look in (True, False)]
         works += [patch_embed(GPU, "bf16", 1), selection(GPU, "bf16", 1), selection(GPU, "fp32", 1),
@@ -282,7 +285,8 @@ def report_workloads(subset: str) -> dict[str, Workload]:
     ps3_15k = dataclasses.replace(GPU, e2e_preset="gpu-1.5k", e2e_resolution=1512)
     for w in (encoder(GPU, "ps3-1", 1, backward=True), encoder(ps3_15k, "ps3-1", 1),
               encoder(ps3_15k, "ps3-1", 1, backward=True), encoder(ps3_15k, "ps3-6", 2),
-              tiny_test_model(False), tiny_test_model(True)):
+              *(selection(GPU, tag, 1, backward=True) for tag in ("bf16", "fp16", "fp32")),
+              selection(GPU, "bf16", 1, backward=True, low_grid=4), tiny_test_model(False), tiny_test_model(True)):
         out.setdefault(w.name, w)
     return out
 

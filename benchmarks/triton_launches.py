@@ -3,7 +3,8 @@
 Triton compiles one binary per *specialisation* of a kernel: its constexpr values, the dtype of
 every pointer, for each tensor whether its address is a multiple of 16 bytes, for each integer
 whether it equals 1 (then it becomes a constant) or is a multiple of 16, and the launch options
-(``num_warps``, ``num_stages``). Arguments named in ``do_not_specialize`` keep only their type.
+(``num_warps``, ``num_stages``). Arguments named in ``do_not_specialize`` keep only their type;
+those in ``do_not_specialize_on_alignment`` lose the multiple-of-16 part.
 :func:`spec_key` writes that as a readable string without touching Triton's internals, so the
 same key comes out of any Triton version and of the CPU interpreter; a GPU window pays one
 compile per distinct key (plus, on Triton 3.x, one C launcher build per new signature).
@@ -53,22 +54,25 @@ def spec_id(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _params(fn: Any) -> list[tuple[str, bool, bool]]:
-    """(name, is_constexpr, specialised) of each kernel parameter, for both kinds of kernel object."""
+def _params(fn: Any) -> list[tuple[str, bool, bool, bool]]:
+    """(name, is_constexpr, specialised on its value, specialised on 16-byte alignment / divisibility by
+    16) of each kernel parameter, for both kinds of kernel object."""
     if hasattr(fn, "params"):  # JITFunction
-        return [(p.name, p.is_constexpr, not p.do_not_specialize) for p in fn.params]
-    dns = set((getattr(fn, "kwargs", {}) or {}).get("do_not_specialize") or ())
+        return [(p.name, p.is_constexpr, not p.do_not_specialize,
+                 not p.do_not_specialize and not p.do_not_specialize_on_alignment) for p in fn.params]
+    kwargs = getattr(fn, "kwargs", {}) or {}
+    dns, dnsa = (set(kwargs.get(k) or ()) for k in ("do_not_specialize", "do_not_specialize_on_alignment"))
     out = []
     for i, p in enumerate(inspect.signature(fn.fn).parameters.values()):
-        constexpr = "constexpr" in str(p.annotation)
-        out.append((p.name, constexpr, i not in dns and p.name not in dns))
+        value = i not in dns and p.name not in dns
+        out.append((p.name, "constexpr" in str(p.annotation), value, value and i not in dnsa and p.name not in dnsa))
     return out
 
 
-def _arg_tag(value: Any, specialised: bool) -> str:
+def _arg_tag(value: Any, specialised: bool, aligned: bool) -> str:
     if isinstance(value, torch.Tensor):
         tag = "*" + _TYPES.get(value.dtype, str(value.dtype).replace("torch.", ""))
-        return tag + (":16" if specialised and value.data_ptr() % 16 == 0 else "")
+        return tag + (":16" if aligned and value.data_ptr() % 16 == 0 else "")
     if isinstance(value, bool):
         return "u1"
     if isinstance(value, int):
@@ -77,7 +81,7 @@ def _arg_tag(value: Any, specialised: bool) -> str:
             return kind
         if value == 1:
             return "=1"
-        return kind + (":16" if value % 16 == 0 else "")
+        return kind + (":16" if aligned and value % 16 == 0 else "")
     if isinstance(value, float):
         return "fp32"
     if value is None:
@@ -96,13 +100,13 @@ def spec_key(fn: Any, args: tuple, kwargs: dict) -> str:
     bound = dict(zip((p[0] for p in params), args))
     bound.update({k: v for k, v in kwargs.items() if k in {p[0] for p in params}})
     runtime, constexprs = [], []
-    for name, is_constexpr, specialised in params:
+    for name, is_constexpr, specialised, aligned in params:
         if name not in bound:
             continue  # a default
         if is_constexpr:
             constexprs.append(f"{name}={_constexpr(bound[name])}")
         else:
-            runtime.append(f"{name}:{_arg_tag(bound[name], specialised)}")
+            runtime.append(f"{name}:{_arg_tag(bound[name], specialised, aligned)}")
     options = sorted((k, v) for k, v in kwargs.items() if k not in bound)
     return (f"{fn.__name__}({' '.join(runtime)}; {' '.join(constexprs)}; "
             f"{' '.join(f'{k}={v}' for k, v in options)})")

@@ -75,16 +75,25 @@ def patch_embed(sh: Shapes, tag: str, batch: int, backward: bool = True, variant
     return Workload(f"patch embed {tag} B={batch} {'fwd+bwd' if backward else 'fwd'}{_suffix(variant)}", run)
 
 
-def selection(sh: Shapes, tag: str, batch: int) -> Workload:
-    """Scoring on the low-res grid with the high-res map, then the look assignment of every scale."""
+def selection(sh: Shapes, tag: str, batch: int, backward: bool = False, low_grid: int | None = None) -> Workload:
+    """Scoring on the low-res grid (``low_grid``: another side) with the high-res map (backward:
+    the gradients of all four inputs too), then the look assignment of every scale."""
+    grid = low_grid or sh.low_grid
+
     def run(device: str) -> None:
         case = bench_selection.make_case(list(sh.scales), batch, sh.looks, sh.patch_tokens, DTYPES[tag], device,
                                          channels=sh.width, hr_channels=sh.sel_hr_channels, hr_grid=sh.sel_hr_grid,
-                                         low_grid=sh.low_grid)
-        with use_backend("triton"):
-            bench_selection.assign(bench_selection.per_scale(bench_selection.score(case), case["grids"]), case)
+                                         low_grid=grid)
+        inputs = [case[k].requires_grad_(backward) for k in ("feature", "prompt", "hr_feature", "hr_prompt")]
+        with use_backend("triton"), torch.set_grad_enabled(backward):
+            probs = bench_selection.score(case)
+            if backward:
+                probs.backward(torch.ones_like(probs))
+            bench_selection.assign(bench_selection.per_scale(probs.detach(), case["grids"]), case)
+        del inputs
 
-    return Workload(f"selection {tag} B={batch}", run)
+    return Workload(f"selection {tag} B={batch}{' fwd+bwd' if backward else ''}"
+                    f"{f' {grid}x{grid} grid' if low_grid else ''}", run)
 
 
 def recording_config(config: PS3VisionConfig) -> PS3VisionConfig:

@@ -295,8 +295,9 @@ def report_workloads(subset: str) -> dict[str, Workload]:
 
 
 def _dtype(key: str) -> str:
-    found = re.search(r":\*(bf16|fp16|fp32)", key)
-    return found.group(1) if found else "int"
+    """The kernel's float dtype: the most common among its pointers (``int`` when it has none)."""
+    found = re.findall(r":\*(bf16|fp16|fp32)", key)
+    return max(set(found), key=found.count) if found else "int"
 
 
 def _variant(workload: str) -> str:
@@ -352,17 +353,18 @@ def report(subset: str, timeout_s: float, log: Callable[[str], None] = print
 def check(path: Path) -> int:
     """Exit code 1, with the differences, when ``path`` is stale for the ``check`` workloads."""
     committed = json.loads(path.read_text())
-    _, _, info = record(report_workloads("check"), log=lambda line: None)
-    keys = {r["spec_id"]: r["key"] for r in committed["rows"]}
+    first, _, info = record(report_workloads("check"), log=lambda line: None)
+    names = {r["spec_id"]: r["kernel"] for r in committed["rows"]}
+    names.update({launch.spec_id: launch.kernel for launch, _ in first.values()})
     stale = []
     for name, now in info.items():
         then = committed["workloads"].get(name)
         if then is None:
             stale.append(f"{name}: not in {path}")
         elif set(then["specs"]) != set(now["specs"]):
-            stale.append(f"{name}: launches {sorted(set(now['specs']) - set(then['specs']))} that the report does not "
-                         f"have; the report's {[keys.get(s, s) for s in set(then['specs']) - set(now['specs'])]} "
-                         f"are launched no more")
+            new, gone = (sorted(f"{names[s]} {s}" for s in a - b) for a, b in
+                         ((set(now["specs"]), set(then["specs"])), (set(then["specs"]), set(now["specs"]))))
+            stale.append(f"{name}: launches {new} that the report does not have, no more {gone}")
     for line in stale:
         print("STALE:", line)
     if stale:

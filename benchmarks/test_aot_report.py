@@ -48,7 +48,8 @@ def test_ci_subset_compiles_for_sm90_without_spills(tmp_path):
     assert {r["kernel"] for r in rows} == KERNELS | SELECTION
     for r in rows:
         assert ROW_FIELDS <= set(r) and r["ok"] and not r["timed_out"], r
-        assert r["dtype"] in ("bf16", "int") and r["spills"] == 0 and 0 < r["registers"] <= 255, r
+        assert r["spills"] == 0 and 0 < r["registers"] <= 255, r
+        assert r["dtype"] == "bf16" or r["kernel"] in SELECTION, r  # scoring maps and sums are fp32, looks int64
         # A scoring tile that grew with the bin took minutes (and ~300 KB of spills) at this grid.
         assert 0 < r["compile_s"] < 60 and r["workloads"]
     attention = [r for r in rows if r["kernel"] in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]

@@ -45,7 +45,7 @@ def test_dry_run_writes_a_complete_summary(tmp_path):
     assert summary["ceilings"]["copy_gb_per_s"] > 0
 
     pool = summary["precompile"]  # the dry run records (the first workload of each later stage), compiles nothing
-    assert pool["workers"] >= 2 and pool["workloads_recorded"] == pool["workloads"] >= 5 and pool["specs"] > 0
+    assert pool["workers"] >= 2 and pool["workloads_recorded"] == pool["workloads"] >= 3 and pool["specs"] > 0
     assert not pool["failed"] and pool["compiled"] == 0 and pool["killed_at_deadline"] == 0
     assert len({r["spec_id"] for r in pool["rows"]}) == pool["specs"]  # each claimed by one worker
 

@@ -173,8 +173,8 @@ def format_summary(s: dict[str, Any]) -> str:
              f"{suite.get('elapsed_s')} s of a {suite.get('budget_s')} s budget", ""]
     lines += ["| stage | status | s | estimated s | cap s | error |", "|---|---|---:|---:|---:|---|"]
     for st in suite.get("stages", []):
-        lines.append(f"| {st['name']} | {st['status']} | {_fmt(st['elapsed_s'], 1)} | {_fmt(st.get('estimated_s'), 1)} | "
-                     f"{_fmt(st['cap_s'], 1)} | {(st['error'] or '')[:120]} |")
+        lines.append(f"| {st['name']} | {st['status']} | {_fmt(st['elapsed_s'], 1)} | "
+                     f"{_fmt(st.get('estimated_s'), 1)} | {_fmt(st['cap_s'], 1)} | {(st['error'] or '')[:120]} |")
     c = s.get("ceilings") or {}
     if c:
         lines += ["", "ceilings: " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in c.items() if isinstance(v, (int, float)))]
@@ -260,7 +260,7 @@ def matching_peer_wheels() -> tuple[list[Path], dict[str, str]]:
             record[name] = f"skipped: {wheel.name} carries no build record (cpp_lib.json) to check against torch"
             continue
         cuda = build.get("cuda")
-        built = f"torch {build.get('torch')}, CUDA {cuda // 100}.{cuda % 100 // 10}" if cuda else f"torch {build.get('torch')}"
+        built = f"torch {build.get('torch')}" + (f", CUDA {cuda // 100}.{cuda % 100}" if cuda else "")
         same_torch = str(build.get("torch", "")).split(".")[:2] == here_torch.split(".")[:2]
         same_cuda = bool(cuda and here_cuda) and cuda // 100 == int(here_cuda.split(".")[0])
         if same_torch and same_cuda:

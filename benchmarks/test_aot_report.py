@@ -71,7 +71,8 @@ def test_committed_report_covers_every_kernel_dtype_and_variant():
     for op, variants in VARIANTS.items():
         for variant in variants[1:]:
             compiled = [r for r in built if variant.name in {w.rsplit("[", 1)[-1].rstrip("]") for w in r["workloads"]}]
-            assert compiled and all(r["spills"] == 0 for r in compiled), (op, variant.name)  # a spilling variant is no candidate
+            # a spilling variant is no candidate
+            assert compiled and all(r["spills"] == 0 for r in compiled), (op, variant.name)
     for r in built:
         assert r["mma"] in ("wgmma", "mma.sync", "fma")
         if r["dtype"] in ("bf16", "fp16") and r["kernel"] in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):

@@ -222,3 +222,28 @@ def test_bad_arguments():
         gpu_suite.parse_args(["--out", "x", "--stages", "warmup"])
     with pytest.raises(SystemExit):
         gpu_suite.parse_args(["--out", "x", "--budget-s", "0"])
+
+
+def test_a_peer_wheel_is_installed_only_for_the_torch_and_cuda_it_was_built_for(tmp_path, monkeypatch):
+    """xformers 0.0.35's build record names torch 2.10.0+cu128: skipped, with the reason, on another
+    torch or CUDA; chosen on a matching one; a wheel without a record is skipped too."""
+    import zipfile
+
+    import torch
+
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    with zipfile.ZipFile(peers / "xformers-0.0.35-py39-none-manylinux_2_28_x86_64.whl", "w") as zf:
+        zf.writestr("xformers/cpp_lib.json", json.dumps({"version": {"cuda": 1208, "torch": "2.10.0+cu128"}}))
+    with zipfile.ZipFile(peers / "other-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("other/__init__.py", "")
+    monkeypatch.setattr(gpu_suite, "WHEELS", tmp_path)
+    for here_torch, here_cuda, chosen in (("2.11.0+cu130", "13.0", False), ("2.10.1+cu126", "12.6", True),
+                                          ("2.10.0+cu130", "13.0", False), ("2.10.0+cpu", None, False)):
+        monkeypatch.setattr(torch, "__version__", here_torch)
+        monkeypatch.setattr(torch.version, "cuda", here_cuda)
+        wheels, record = gpu_suite.matching_peer_wheels()
+        assert [w.name.split("-")[0] for w in wheels] == (["xformers"] if chosen else [])
+        assert record["xformers"].startswith("installed" if chosen else "skipped"), record
+        assert "no build record" in record["other"]
+    assert "built for torch 2.10.0+cu128, CUDA 12.8; this machine has torch 2.10.0+cpu without CUDA" in record["xformers"]

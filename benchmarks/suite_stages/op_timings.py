@@ -45,6 +45,10 @@ def attempt(ctx: StageContext, fn: Callable[[], float]) -> tuple[float | None, s
 # ----------------------------------------------------------------------------- attention
 
 
+def attention_shape(sh: Shapes, batch: int) -> str:
+    return f"B={batch} looks of {sh.look} + prefix {sh.prefix_len}, {sh.heads}x{sh.head_dim} bf16"
+
+
 def attention_case(ctx: StageContext, batch: int) -> tuple[dict[str, Any], torch.Tensor, list[torch.Tensor], str]:
     """Inputs of ``batch`` looks over their prefixes, built once per batch and shared by the items."""
     key = ("attention", batch)
@@ -56,8 +60,7 @@ def attention_case(ctx: StageContext, batch: int) -> tuple[dict[str, Any], torch
                                                 seed=seed(), heads=sh.heads, head_dim=sh.head_dim,
                                                 prefix_len=sh.prefix_len)
         leaves = [case[n].requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-        shape = f"B={batch} looks of {sh.look} + prefix {sh.prefix_len}, {sh.heads}x{sh.head_dim} bf16"
-        ctx.state[key] = (case, torch.randn_like(case["q"]), leaves, shape)
+        ctx.state[key] = (case, torch.randn_like(case["q"]), leaves, attention_shape(sh, batch))
     return ctx.state[key]
 
 

@@ -12,7 +12,7 @@ import warnings
 from ps3_kernels.varlen_attention import available_impls
 
 from .base import Shapes, Stage, StageContext, WorkItem, calls_s
-from .op_timings import attempt, attention_case, record_timing, time_attention
+from .op_timings import attempt, attention_case, attention_shape, record_timing, time_attention
 
 # Guessed without a GPU (GPU_NOTES.md: forward and forward+backward together took ~50-100 s):
 # the block mask and the forward graph compile on a case's first forward call, the joint
@@ -44,11 +44,12 @@ def unavailable(ctx: StageContext, impl: str) -> str | None:
 
 def peer_timing(ctx: StageContext, impl: str, batch: int, mode: str) -> None:
     """The peer and the Triton op on the same inputs; a peer that falls back to eager says so."""
-    case, grad_out, leaves, shape = attention_case(ctx, batch)
     reason = unavailable(ctx, impl)
     if reason is not None:
-        record_timing(ctx, f"attention {mode}", shape, None, impl, None, status="skipped", error=reason)
+        record_timing(ctx, f"attention {mode}", attention_shape(ctx.shapes, batch), None, impl, None,
+                      status="skipped", error=reason)
         return
+    case, grad_out, leaves, shape = attention_case(ctx, batch)
     if impl == "flex":
         _raise_recompile_limits()
     ours, err = attempt(ctx, lambda: time_attention(ctx, "triton", case, grad_out, leaves, mode))
@@ -62,7 +63,8 @@ def peer_timing(ctx: StageContext, impl: str, batch: int, mode: str) -> None:
 
 def _skip(impl: str, batch: int, mode: str):
     def record(ctx: StageContext, reason: str) -> None:
-        record_timing(ctx, f"attention {mode}", f"B={batch}", None, impl, None, status="skipped", error=reason)
+        record_timing(ctx, f"attention {mode}", attention_shape(ctx.shapes, batch), None, impl, None, status="skipped",
+                      error=reason)
     return record
 
 

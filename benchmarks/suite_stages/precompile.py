@@ -104,10 +104,12 @@ def run_pool(ctx: StageContext) -> None:
         workers=len(procs), workloads=len(names), workloads_recorded=len(recorded), killed_at_deadline=killed,
         specs=len(specs), compiled=sum(1 for r in specs if r["compiled"]),
         failed=[r for r in specs if not r["ok"]] + [r for r in recorded if not r["ok"]],
-        compile_s=round(sum(r["compile_s"] for r in specs), 1), launcher_s=round(sum(r["launcher_s"] for r in specs), 1),
+        compile_s=round(sum(r["compile_s"] for r in specs), 1),
+        launcher_s=round(sum(r["launcher_s"] for r in specs), 1),
         wall_s=round(time.time() - start, 1), exit_codes=[p.returncode for p in procs],
         rows=[{k: r[k] for k in ("spec_id", "kernel", "workload", "compile_s", "launcher_s", "ok")} for r in specs]))
-    ctx.log(f"{len(specs)} specialisations ({sum(1 for r in specs if not r['ok'])} failed) in {time.time() - start:.1f} s")
+    failed = sum(1 for r in specs if not r["ok"])
+    ctx.log(f"{len(specs)} specialisations ({failed} failed) in {time.time() - start:.1f} s")
 
 
 def items(sh: Shapes) -> list[WorkItem]:
@@ -158,8 +160,10 @@ def worker_main(pool: str, index: int) -> None:
             start = time.perf_counter()
             row = dict(type="workload", workload=name, ok=True, error=None, launches=0)
             try:
-                with recorded_launches(lambda launch, real_run: _compile(launch, real_run, pool / "claims", name, out)) \
-                        as launches:
+                def claim(launch, real_run, name=name):
+                    _compile(launch, real_run, pool / "claims", name, out)
+
+                with recorded_launches(claim) as launches:
                     workloads[name].run(sh.device)
                 row["launches"] = len(launches)
             except Exception as exc:  # noqa: BLE001 - the stages will compile what this misses

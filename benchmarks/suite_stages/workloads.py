@@ -46,7 +46,8 @@ def attention(sh: Shapes, tag: str, batch: int, look: bool, backward: bool = Tru
                                                 head_dim=sh.head_dim, prefix_len=sh.prefix_len)
         if not look:
             case.update(prefix_k=None, prefix_v=None, prefix_index=None)
-        leaves = [case[n].requires_grad_(backward) for n in ("q", "k", "v", "prefix_k", "prefix_v") if case[n] is not None]
+        names = [n for n in ("q", "k", "v", "prefix_k", "prefix_v") if case[n] is not None]
+        leaves = [case[n].requires_grad_(backward) for n in names]
         with _variant(variant), torch.set_grad_enabled(backward):
             out = varlen_prefix_attention(**case, impl="triton")
             if backward:

@@ -21,7 +21,7 @@ measured is kept, the stage is marked ``timeout``), starts a fresh worker for th
 rewrites ``summary.json`` whenever a result lands. A correctness miss is a result, never an exit.
 
 Output (``--out``, default ``$OUT``): ``summary.json``, ``summary.md`` (the table printed last),
-``plan.json`` and ``suite.log`` (everything the worker printed). Nothing is installed and nothing
+``plan.json`` (not in the dry run) and ``suite.log`` (everything the worker printed). Nothing is installed and nothing
 is fetched: the repository is put on ``sys.path``; wheels carried in ``.whl/`` (see
 ``benchmarks/carry_wheels.sh``) are unpacked with ``pip install --no-index --target`` into a
 temporary folder: ``.whl/suite/`` for the worker, ``.whl/peers/`` (xformers) for the worker when
@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -317,10 +318,9 @@ class Supervisor:
         self.log = open(self.out / "suite.log", "a", buffering=1)
         self.log.write(f"== gpu_suite {' '.join(sys.argv[1:])} (work {self.work})\n")
         suite_site, self.upstream_install, self.wheels = install_wheels(self.work, self.log)
-        # The plan of this run's stages (estimates of a real run; the dry run's are zeros).
-        plan = build_plan(args.budget_s)
-        write_json(self.out / "plan.json", plan)
-        self.estimates = {s["name"]: s["estimated_s"] for s in plan["stages"]} if not args.dry_run else {}
+        self.estimates: dict[str, float] = {}
+        if not args.dry_run:  # the plan (plan.json; each stage's estimate in the summary), made beside the work
+            threading.Thread(target=self.plan, daemon=True).start()
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), suite_site, self.env.get("PYTHONPATH")) if p)
         if args.dry_run:
@@ -328,6 +328,11 @@ class Supervisor:
             self.env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with a GPU
         else:
             self.env.pop("TRITON_INTERPRET", None)
+
+    def plan(self) -> None:
+        plan = build_plan(self.args.budget_s)
+        write_json(self.out / "plan.json", plan)
+        self.estimates.update({s["name"]: s["estimated_s"] for s in plan["stages"]})
 
     def say(self, message: str) -> None:
         print(f"[{time.time() - self.t0:6.1f} s] {message}", flush=True)
@@ -415,7 +420,8 @@ class Supervisor:
         table = format_summary(summary)
         (self.out / "summary.md").write_text(table)
         print(table)
-        print(f"wrote {', '.join(str(self.out / f) for f in ('summary.json', 'summary.md', 'plan.json', 'suite.log'))}")
+        files = ("summary.json", "summary.md", "suite.log") + (() if self.args.dry_run else ("plan.json",))
+        print(f"wrote {', '.join(str(self.out / f) for f in files)}")
         return 0
 
 

@@ -93,8 +93,7 @@ def test_dry_run_writes_a_complete_summary(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     assert "| stage | status |" in table and table.strip() in done.stdout
     assert (tmp_path / "suite.log").stat().st_size > 0
-    assert json.loads((tmp_path / "plan.json").read_text())["stages"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "suite.log", "summary.json", "summary.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.log", "summary.json", "summary.md"]
 
 
 def test_a_stage_past_the_budget_is_cut_off_and_recorded(tmp_path):
@@ -102,7 +101,7 @@ def test_a_stage_past_the_budget_is_cut_off_and_recorded(tmp_path):
     stage either stops starting checks (recording the rest as skipped) or is killed at its cap."""
     done, seconds = run_suite(tmp_path, "--stages", "op_checks", "--budget-s", "8")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert seconds < 8 + 6
+    assert seconds < 8 + 10  # the budget counts from after the parent's imports (torch and the stages)
     summary = json.loads((tmp_path / "summary.json").read_text())
     (stage,) = summary["suite"]["stages"]
     assert stage["name"] == "op_checks" and stage["cap_s"] == 8.0

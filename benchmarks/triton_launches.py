@@ -189,10 +189,3 @@ def recorded_launches(on_launch: Callable[[Launch, Callable[..., Any]], None] | 
         if fake_cuda:
             del torch.Tensor.is_cuda
 
-
-def unique(launches: list[Launch]) -> list[Launch]:
-    """The first launch of every distinct key, in launch order."""
-    seen: dict[str, Launch] = {}
-    for launch in launches:
-        seen.setdefault(launch.key, launch)
-    return list(seen.values())

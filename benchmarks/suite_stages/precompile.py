@@ -34,7 +34,8 @@ REPO_ROOT = HERE.parent.parent
 
 def worker_count(workloads: int) -> int:
     """All cores but two (the stage's own process and the system), at least two, at most one per workload."""
-    return max(1, min(workloads, max(2, (os.cpu_count() or 2) - 2)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(workloads, max(2, cores - 2)))
 
 
 def share_out(costs: dict[str, float], workers: int) -> list[list[str]]:
@@ -68,6 +69,13 @@ def _workload_costs(names: list[str]) -> dict[str, float]:
     return workload_costs(names, report) if report else {n: 1.0 for n in names}
 
 
+def _row(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except ValueError:  # the last line of a worker killed while writing it
+        return None
+
+
 def run_pool(ctx: StageContext) -> None:
     workloads = _later_workloads(ctx)
     names = list(workloads)
@@ -77,8 +85,8 @@ def run_pool(ctx: StageContext) -> None:
     pool = ctx.work / "precompile"
     (pool / "claims").mkdir(parents=True, exist_ok=True)
     shares = share_out(_workload_costs(names), worker_count(len(names)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     procs = []
     start = time.time()
     for i, share in enumerate(shares):
@@ -88,7 +96,7 @@ def run_pool(ctx: StageContext) -> None:
     ctx.log(f"{len(names)} workloads on {len(procs)} workers")
     killed = 0
     while any(p.poll() is None for p in procs):
-        if not ctx.has_time(0):
+        if time.time() > ctx.deadline - 3.0:  # the pool starts no item: it may run to the stage's end
             for p in procs:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
@@ -97,7 +105,8 @@ def run_pool(ctx: StageContext) -> None:
         time.sleep(0.2)
     for p in procs:
         p.wait()
-    rows = [json.loads(line) for f in sorted(pool.glob("results-*.jsonl")) for line in f.read_text().splitlines()]
+    rows = [_row(line) for f in sorted(pool.glob("results-*.jsonl")) for line in f.read_text().splitlines()]
+    rows = [r for r in rows if r is not None]
     specs = [r for r in rows if r["type"] == "spec"]
     recorded = [r for r in rows if r["type"] == "workload"]
     ctx.set("precompile", dict(

@@ -235,13 +235,13 @@ def patch_embed_workload(dtype: torch.dtype, backward: bool = True) -> Callable[
     return run
 
 
-def selection_workload(dtype: torch.dtype, highres: bool, grid: int = 27) -> Callable[[], None]:
-    """Scoring on a ``grid x grid`` map (1152 channels, channels-last like the model; optional 512 x 54 x 54
+def selection_workload(dtype: torch.dtype, highres: bool, low_grid: int = 27) -> Callable[[], None]:
+    """Scoring on a ``low_grid x low_grid`` map (1152 channels, channels-last like the model; optional 512 x 54 x 54
     high-res map), forward and backward, then the look assignment of the largest scale's grid (PS3-4K,
     6 looks). Grids and bins are run-time sizes of the scoring kernels: a small model's 4x4 grid
     (14x14 bins) builds the same kernels as SO400M's 27x27."""
     def run():
-        feature = _randn(1, grid, grid, WIDTH, dtype=dtype).permute(0, 3, 1, 2).requires_grad_()
+        feature = _randn(1, low_grid, low_grid, WIDTH, dtype=dtype).permute(0, 3, 1, 2).requires_grad_()
         hr = [_randn(1, 512, 54, 54, dtype=dtype), _randn(1, 512, dtype=dtype)] if highres else [None, None]
         hr = [t.requires_grad_() if t is not None else None for t in hr]
         with use_backend("triton"):
@@ -268,7 +268,7 @@ def workloads(subset: str) -> list[Workload]:
     if subset == "ci":
         return [Workload("attention_look", "bf16", attention_workload(torch.bfloat16, prefix=True)),
                 Workload("patch_embed_4k", "bf16", patch_embed_workload(torch.bfloat16)),
-                Workload("selection_4x4", "bf16", selection_workload(torch.bfloat16, highres=True, grid=4))]
+                Workload("selection_4x4", "bf16", selection_workload(torch.bfloat16, highres=True, low_grid=4))]
     out = []
     for tag, dtype in DTYPES.items():
         out += [

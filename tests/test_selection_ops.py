@@ -13,6 +13,7 @@ from ps3_kernels.counting import count_launches
 from ps3_kernels.selection import assign_looks, assign_looks_reference, selection_probs, selection_probs_reference
 
 from helpers import DEVICE, rel_err, run_triton, to_device
+from test_no_host_sync import forbid_host_reads
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -233,13 +234,14 @@ def test_probs_backward_clamp_bounds():
 @pytest.mark.parametrize("batch", [1, 3])
 def test_probs_launches(batch):
     """Forward: the high-res cosine map and the scoring; backward: one kernel and the prompt reduction.
-    No ATen kernel, whatever the batch (the kernels are recorded, not run: the interpreter copies)."""
+    No ATen kernel, whatever the batch, and no host read of a device value (the kernels are recorded,
+    not run: the interpreter copies)."""
     args = [a.requires_grad_() for a in to_device(scoring_inputs(batch, 8, 3, 3, (4, 7, 6), torch.float32))]
     dry = ("_cosine_map_kernel", "_probs_kernel", "_probs_bwd_kernel", "_prompt_grad_kernel")
-    with use_backend("triton"), count_launches(dry=dry) as fwd:
+    with use_backend("triton"), count_launches(dry=dry) as fwd, forbid_host_reads():
         out = selection_probs(*args)
     grad = torch.ones_like(out)
-    with count_launches(dry=dry) as bwd:
+    with count_launches(dry=dry) as bwd, forbid_host_reads():
         out.backward(grad)
     assert dict(fwd.triton) == {"_cosine_map_kernel": 1, "_probs_kernel": 1} and fwd.launches == 2
     assert dict(bwd.triton) == {"_probs_bwd_kernel": 1, "_prompt_grad_kernel": 1} and bwd.launches == 2

@@ -1,22 +1,26 @@
-"""Compile every Triton kernel for sm_90 without a GPU: registers, spills, shared memory, MMA kind.
+"""Compile every Triton specialisation of the GPU suite and of PS3 forward and backward passes for
+sm_90 without a GPU: compile seconds, registers, spills, shared memory, MMA kind.
 
-The library's own host code runs on CPU tensors of PS3 shapes (SO400M: 16 heads x 72, a
-729-token low-res pass, one 2560-token look over the 729-token prefix, a 3780 px image, the
-27x27 selection grid) with ``JITFunction.run`` replaced by a recorder: every launch the ops
-would make (kernel, arguments, constexprs, ``num_warps``/``num_stages`` from ``_launch_config``)
-is captured, specialised exactly as Triton's launcher would (same binder, 16-byte alignment of
-CPU tensors as of CUDA ones), and compiled with ``GPUTarget("cuda", 90, 32)`` (sm_90a), which
-needs no driver. ptxas' own report of that build gives registers and spill bytes; Triton's
-metadata the shared memory; the PTX whether the dots became ``wgmma`` (Hopper warpgroup MMA),
-``mma.sync`` (Ampere-style) or plain FMA. Every launch variant of ``launch_variants.py`` is
-compiled too.
+What is compiled is what the code launches: the suite's compile workloads (``suite_stages``:
+each work item's kernels at PS3-4K shapes, SO400M 16 heads x 72, the upstream-fixture and test
+models, every launch variant) and a PS3-4K and PS3-1.5K forward and backward, run on CPU tensors
+with every Triton launch recorded instead of run (``triton_launches.py``). Each distinct
+specialisation (constexprs, dtypes, 16-byte alignment, integers equal to 1 or divisible by 16,
+warps and stages; the key Triton's launcher would compute) becomes one row, listing the workloads
+that launch it, and is compiled with ``GPUTarget("cuda", 90, 32)`` (sm_90a; no driver needed) in
+a child process with a time limit (``--timeout-s``) and a memory limit, so a row that compiles for
+minutes is recorded as over the limit (``timed_out``) instead of holding up the report. ptxas' own
+report of that build gives registers and spill bytes; Triton's metadata the shared memory; the
+PTX whether the dots became ``wgmma`` (Hopper warpgroup MMA), ``mma.sync`` or plain FMA.
 
-    python benchmarks/aot_report.py --out benchmarks/results/aot-sm90.json      # everything (~2 min)
+    python benchmarks/aot_report.py --out benchmarks/results/aot-sm90.json      # everything (~15 min)
     python benchmarks/aot_report.py --subset ci --out /tmp/aot.json --fail-on-spill
 
-Runs with ``TRITON_INTERPRET`` unset (it is removed before triton is imported); needs triton's
-bundled ptxas (any triton wheel has it), not a GPU. ``--fail-on-spill`` exits 1 when a kernel
-fails to compile or a bf16/fp16 kernel spills (fp32 is a correctness path, not a tuned one).
+``gpu_suite.py --plan`` reads the committed report for its compile estimates, and CI fails when a
+specialisation of the plan is missing from it or took more than 15 s. Runs with
+``TRITON_INTERPRET`` unset (it is removed before triton is imported); needs triton's bundled
+ptxas, not a GPU. ``--fail-on-spill`` exits 1 when a kernel fails to compile or a bf16/fp16 kernel
+spills (fp32 is a correctness path, not a tuned one).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -33,9 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # The compiler path must not be the interpreter's, whatever the caller's environment says.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -46,60 +51,40 @@ if "TRITON_CACHE_DIR" not in os.environ:  # a private cache, removed at exit
     atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks"), str(REPO_ROOT / "tests")]
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
-from launch_variants import VARIANTS, Variant, describe, use_variant  # noqa: E402
-from ps3.bench import scale_set  # noqa: E402
 from ps3.bench.harness import environment  # noqa: E402
-from ps3.selection_plan import default_quotas  # noqa: E402
-from ps3_kernels import assign_looks, selection_probs, sparse_patch_embed, use_backend, varlen_prefix_attention  # noqa: E402
-from ps3_kernels.patch_embed import PatchTokens  # noqa: E402
+from ps3_kernels import use_backend  # noqa: E402
+from suite_stages import stage_workloads  # noqa: E402
+from suite_stages.base import GPU, Workload  # noqa: E402
+from suite_stages.workloads import attention, encoder, patch_embed, selection  # noqa: E402
+from triton_launches import Launch, recorded_launches, signature_key  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HEADS, HEAD_DIM, LOW_RES, LOOK, WIDTH, PATCH, RESOLUTION = 16, 72, 729, 2560, 1152, 14, 3780
+MEMORY_LIMIT = 8 * 2**30  # resident memory of one compile (the old small-grid scoring kernel wanted more)
 
 
-# ----------------------------------------------------------------------------- capturing launches
+@dataclasses.dataclass
+class Build:
+    """What Triton compiles for one specialisation (the launch's tensors are not kept)."""
+
+    fn: Any
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: Any
 
 
-@dataclass
-class Launch:
-    fn: JITFunction
-    args: tuple
-    kwargs: dict
-    grid: Any
+# ----------------------------------------------------------------------------- specialising
 
 
-@contextlib.contextmanager
-def captured_launches() -> Iterator[list[Launch]]:
-    """Record kernel launches instead of running them; CPU tensors pass the ops' CUDA checks.
-
-    Outputs stay uninitialised, which is harmless: only shapes flow from one launch to the next.
-    """
-    launches: list[Launch] = []
-    real_run = JITFunction.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, grid))
-
-    JITFunction.run = record
-    torch.Tensor.is_cuda = property(lambda self: True)  # shadows TensorBase.is_cuda for Python callers
-    try:
-        yield launches
-    finally:
-        JITFunction.run = real_run
-        del torch.Tensor.is_cuda
-
-
-def specialise(launch: Launch) -> tuple[str, dict, dict, dict, Any]:
-    """What Triton's launcher would compile for this call: (name, signature, constexprs, attrs, options)."""
+def specialise(launch: Launch) -> Build:
+    """What Triton's launcher would compile for this call (its binder and argument packing)."""
     from triton.runtime.jit import create_function_from_signature
 
     fn = launch.fn
@@ -107,7 +92,12 @@ def specialise(launch: Launch) -> tuple[str, dict, dict, dict, Any]:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
-    return fn.__name__, signature, constexprs, attrs, options
+    return Build(fn, signature, constexprs, attrs, options)
+
+
+def triton_key(build: Build) -> str:
+    return repr((build.fn.__name__, build.signature, build.constexprs, build.attrs, build.options.num_warps,
+                 build.options.num_stages))
 
 
 # ----------------------------------------------------------------------------- reading the build
@@ -147,7 +137,7 @@ def _mma_kind(ptx: str) -> str:
     return "fma"
 
 
-def _config(constexprs: dict, options: Any, fn: JITFunction) -> dict[str, Any]:
+def _config(constexprs: dict, options: Any, fn: Any) -> dict[str, Any]:
     """Launch parameters: tile constexprs (BLOCK_*, head-dim tiles, flags) and warps/stages."""
     names = [p.name for p in fn.params]
     out = {}
@@ -159,167 +149,243 @@ def _config(constexprs: dict, options: Any, fn: JITFunction) -> dict[str, Any]:
     return out
 
 
-def compile_launch(launch: Launch) -> dict[str, Any]:
-    """One report row (compile errors are rows with ``ok: False``)."""
-    name, signature, constexprs, attrs, options = specialise(launch)
-    row: dict[str, Any] = dict(kernel=name, config=_config(constexprs, options, launch.fn),
-                               grid=list(launch.grid) if isinstance(launch.grid, tuple) else None)
-    start = time.perf_counter()
+def compile_build(build: Build) -> dict[str, Any]:
+    """One report row's build fields (compile errors are rows with ``ok: False``)."""
+    row: dict[str, Any] = dict(config=_config(build.constexprs, build.options, build.fn))
+    start = _own_cpu_seconds()
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=TARGET,
-                                    options=options.__dict__)
+            kernel = triton.compile(ASTSource(build.fn, build.signature, build.constexprs, build.attrs),
+                                    target=TARGET, options=build.options.__dict__)
     except Exception as exc:  # noqa: BLE001 - a compile failure is a result
-        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[:2000]}")
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[:2000]}",
+                   cpu_s=_own_cpu_seconds() - start)
         return row
+    cpu_s = _own_cpu_seconds() - start
     numbers = _ptxas_numbers(log.getvalue()) or _ptxas_numbers(_rerun_ptxas(kernel.asm["ptx"]))
     ptx = kernel.asm["ptx"]
     row.update(
         ok=True, registers=numbers["registers"], spills=numbers["spill_stores"] + numbers["spill_loads"],
         spill_stores=numbers["spill_stores"], spill_loads=numbers["spill_loads"], stack_frame=numbers["stack_frame"],
         shared_mem=kernel.metadata.shared, mma=_mma_kind(ptx), dot="tt.dot" in kernel.asm["ttir"],
-        wgmma_count=ptx.count("wgmma.mma_async"), compile_s=round(time.perf_counter() - start, 2),
+        wgmma_count=ptx.count("wgmma.mma_async"), cpu_s=cpu_s,
     )
     return row
 
 
-# ----------------------------------------------------------------------------- workloads (PS3 shapes)
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (ptxas)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _randn(*shape, dtype):
-    return torch.randn(*shape, dtype=torch.float32).to(dtype)
+def _proc_stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def attention_workload(dtype: torch.dtype, prefix: bool, backward: bool = True) -> Callable[[], None]:
-    """One layer's attention as the trunk calls it: q/k/v split from a fused qkv projection.
-
-    ``prefix``: a 2560-token look over the image's 729-token low-res cache; else the low-res pass.
-    """
-    def run():
-        length = LOOK if prefix else LOW_RES
-        qkv = _randn(length, 3, HEADS, HEAD_DIM, dtype=dtype).requires_grad_(backward)
-        q, k, v = qkv.unbind(1)
-        kwargs = dict(cu_seqlens=torch.tensor([0, length], dtype=torch.int32), max_seqlen=length)
-        if prefix:
-            cache = _randn(1, 2, HEADS, LOW_RES, HEAD_DIM, dtype=dtype).requires_grad_(backward)
-            kwargs.update(prefix_k=cache[:, 0], prefix_v=cache[:, 1], prefix_index=torch.zeros(1, dtype=torch.int32))
-        out = varlen_prefix_attention(q, k, v, impl="triton", **kwargs)
-        if backward:
-            out.backward(torch.ones_like(out))
-    return run
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children so far (live ones included: ptxas runs as one)."""
+    try:
+        fields = _proc_stat(pid)
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime, stime, cutime, cstime
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(_cpu_seconds(int(c)) for c in children)
 
 
-def patch_embed_workload(dtype: torch.dtype, backward: bool = True) -> Callable[[], None]:
-    """The high-res tokens of one 3780 px image (PS3-4K quotas over 756/1512/3780), fwd and weight grad."""
-    def run():
-        scales = scale_set(RESOLUTION)
-        image = torch.zeros(3, RESOLUTION, RESOLUTION, dtype=dtype)
-        parts = []
-        for s, (size, quota) in enumerate(zip(scales[1:], default_quotas(LOOK, scales))):
-            grid = size // PATCH
-            cells = torch.randperm(grid * grid)[:quota].sort().values
-            parts.append(torch.stack([torch.zeros_like(cells), torch.full_like(cells, s), cells // grid, cells % grid]))
-        t = torch.cat(parts, 1)
-        tokens = PatchTokens(image=t[0], scale=t[1], row=t[2], col=t[3])
-        weight = _randn(WIDTH, 3, PATCH, PATCH, dtype=dtype).requires_grad_(backward)
-        bias = _randn(WIDTH, dtype=dtype)
-        rows = sum((s // PATCH) ** 2 for s in scales[1:])
-        table = _randn(rows, WIDTH, dtype=dtype)
-        index = torch.randint(0, rows, (len(tokens),))
-        with use_backend("triton"):
-            out = sparse_patch_embed([image], [[(s, s) for s in scales[1:]]], tokens, weight, bias, table, index,
-                                     table, index)
-        if backward:
-            out.backward(torch.ones_like(out))
-    return run
+def _resident_bytes(pid: int) -> int:
+    try:
+        return int(_proc_stat(pid)[21]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
-def selection_workload(dtype: torch.dtype, highres: bool) -> Callable[[], None]:
-    """Scoring on the 27x27 grid (1152 channels, channels-last like the model; optional 512 x 54 x 54
-    high-res map), then the look assignment of the largest scale's grid (PS3-4K, 6 looks)."""
-    def run():
-        feature = _randn(1, 27, 27, WIDTH, dtype=dtype).permute(0, 3, 1, 2)
-        hr = (_randn(1, 512, 54, 54, dtype=dtype), _randn(1, 512, dtype=dtype)) if highres else (None, None)
-        with use_backend("triton"):
-            probs = selection_probs(feature, _randn(1, WIDTH, dtype=dtype), *hr)
-            if highres:
-                grid = RESOLUTION // PATCH
-                assign_looks(_randn(1, grid * grid, dtype=dtype), torch.full((1, 6), 2134))
-        del probs
-    return run
+def compile_with_limit(build: Build, timeout_s: float) -> dict[str, Any]:
+    """:func:`compile_build` in a forked child. ``compile_s`` is the CPU time the compile took (the
+    child and its ptxas), what one core of the GPU host spends on it whatever else runs here
+    (``wall_s``: the wall time on this machine). Stopped past ``timeout_s`` CPU seconds (then
+    ``timed_out: true`` and ``compile_s`` is that limit, a lower bound), past ten times that in
+    wall time, or above :data:`MEMORY_LIMIT` of resident memory."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=lambda: child.send(compile_build(build)))
+    start = time.perf_counter()
+    proc.start()
+    child.close()
+    base = _cpu_seconds(proc.pid)  # the fork itself
+    row, reason, cpu = None, None, 0.0
+    while row is None and reason is None:
+        if parent.poll(0.5):
+            try:
+                row = parent.recv()
+            except EOFError:
+                reason = f"the compile process died (exit code {proc.exitcode})"
+            break
+        cpu = _cpu_seconds(proc.pid) - base
+        if cpu >= timeout_s or time.perf_counter() - start >= 10 * timeout_s:
+            reason = "timeout"
+        elif _resident_bytes(proc.pid) > MEMORY_LIMIT:
+            reason = f"stopped above {MEMORY_LIMIT >> 30} GiB of resident memory"
+    if row is not None:
+        cpu = row.pop("cpu_s")
+    proc.kill()
+    proc.join()
+    wall = round(time.perf_counter() - start, 2)
+    if reason == "timeout":
+        return dict(ok=False, timed_out=True, compile_s=float(timeout_s), wall_s=wall,
+                    error=f"still compiling after {cpu:.0f} CPU s, {wall:.0f} s (stopped)")
+    if row is None:
+        return dict(ok=False, timed_out=False, compile_s=round(cpu, 2), wall_s=wall, error=reason)
+    return dict(row, timed_out=False, compile_s=round(cpu, 2), wall_s=wall)
 
 
-@dataclass
-class Workload:
-    name: str
-    dtype: str
-    run: Callable[[], None]
-    variant: Variant | None = None
+# ----------------------------------------------------------------------------- workloads
 
 
-def workloads(subset: str) -> list[Workload]:
-    """``ci``: bf16 attention (look, fwd+bwd) and the bf16 patch embed; ``full``: every kernel, dtype
-    and variant."""
-    if subset == "ci":
-        return [Workload("attention_look", "bf16", attention_workload(torch.bfloat16, prefix=True)),
-                Workload("patch_embed_4k", "bf16", patch_embed_workload(torch.bfloat16))]
-    out = []
-    for tag, dtype in DTYPES.items():
-        out += [
-            Workload("attention_look", tag, attention_workload(dtype, prefix=True)),
-            Workload("attention_lowres", tag, attention_workload(dtype, prefix=False)),
-            Workload("patch_embed_4k", tag, patch_embed_workload(dtype)),
-            Workload("selection", tag, selection_workload(dtype, highres=True)),
-            Workload("selection_no_hr", tag, selection_workload(dtype, highres=False)),
-        ]
-    for op, variants in VARIANTS.items():
-        for variant in variants[1:]:
-            for tag in ("bf16", "fp16"):
-                dtype = DTYPES[tag]
-                run = patch_embed_workload(dtype, backward=False) if op == "patch_embed" else \
-                    attention_workload(dtype, prefix=True, backward=op == "attention_bwd")
-                out.append(Workload("patch_embed_4k" if op == "patch_embed" else "attention_look", tag, run, variant))
+def tiny_test_model(backward: bool) -> Workload:
+    """The tests' tiny model (``tests/helpers.py``), fp32, two images of different sizes."""
+    def run(device: str) -> None:
+        from helpers import tiny_vision_config
+        from ps3 import PS3VisionModel
+
+        model = PS3VisionModel(tiny_vision_config()).to(device).requires_grad_(backward)
+        images = [torch.randn(3, 224, 180, device=device), torch.randn(3, 150, 224, device=device)]
+        with use_backend("triton"), torch.set_grad_enabled(backward):
+            out = model(images, num_look_close=2).last_hidden_state  # a list: one tensor per image
+            if backward:
+                sum(o.sum() for o in out).backward()
+
+    return Workload(f"tests' tiny model {'fwd+bwd' if backward else 'fwd'}", run)
+
+
+def report_workloads(subset: str) -> dict[str, Workload]:
+    """``ci``: bf16 attention over a prefix, the bf16 patch embed and the bf16 scoring at a 4x4 grid,
+    forward and backward; ``check``:
+    the cheap workloads of every kind (the ops at B = 1 in each dtype, three fixture cases, a no-sync
+    forward, the tests' tiny model); ``full``: every workload of the suite's stages, then PS3-4K
+    and PS3-1.5K forward and backward passes (SO400M shapes, bf16), the scoring's backward, and
+    the tests' tiny model."""
+    if subset == "ci":  # with the scoring at a small model's 4x4 grid: its largest pooling bins
+        return {w.name: w for w in (attention(GPU, "bf16", 1, True), patch_embed(GPU, "bf16", 1),
+                                    selection(GPU, "bf16", 1, backward=True, low_grid=4))}
+    if subset == "check":
+        from test_model_parity import TRITON_CASES
+
+        from suite_stages.workloads import no_sync_forward, parity_case
+
+        works = [attention(GPU, tag, 1, look) for tag in ("bf16", "fp16", "fp32") for look in (True, False)]
+        works += [patch_embed(GPU, "bf16", 1), selection(GPU, "bf16", 1), selection(GPU, "fp32", 1),
+                  *(parity_case(c) for c in TRITON_CASES[:3]), no_sync_forward(0), tiny_test_model(True)]
+        return {w.name: w for w in works}
+    out = dict(stage_workloads(GPU))
+    ps3_15k = dataclasses.replace(GPU, e2e_preset="gpu-1.5k", e2e_resolution=1512)
+    for w in (encoder(GPU, "ps3-1", 1, backward=True), encoder(ps3_15k, "ps3-1", 1),
+              encoder(ps3_15k, "ps3-1", 1, backward=True), encoder(ps3_15k, "ps3-6", 2),
+              *(selection(GPU, tag, 1, backward=True) for tag in ("bf16", "fp16", "fp32")),
+              selection(GPU, "bf16", 1, backward=True, low_grid=4), tiny_test_model(False), tiny_test_model(True)):
+        out.setdefault(w.name, w)
     return out
 
 
-def report(subset: str, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for work in workloads(subset):
-        with captured_launches() as launches, use_variant(work.variant) if work.variant else contextlib.nullcontext():
-            work.run()
-        if not launches:
-            raise RuntimeError(f"{work.name} {work.dtype}: no Triton launch was captured (did the op's entry point change?)")
+# ----------------------------------------------------------------------------- the report
+
+
+def _dtype(key: str) -> str:
+    """The kernel's float dtype: the most common among its pointers (``int`` when it has none)."""
+    found = re.findall(r":\*(bf16|fp16|fp32)", key)
+    return max(set(found), key=found.count) if found else "int"
+
+
+def _variant(workload: str) -> str:
+    found = re.search(r"\[(\w+)\]$", workload)
+    return found.group(1) if found else "default"
+
+
+def record(workloads: dict[str, Workload], log: Callable[[str], None] = print
+           ) -> tuple[dict[str, tuple[Launch, Build]], dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """Run every workload with launches recorded: the first launch of each key with its build, the
+    workloads of each key, and per workload its recording seconds, launch count and specialisations.
+    Checks that the keys split the launches exactly as Triton's own specialisation does."""
+    first: dict[str, tuple[Launch, Build]] = {}
+    users: dict[str, list[str]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    triton_keys: dict[str, str] = {}
+    for name, work in workloads.items():
+        start = time.process_time()  # CPU seconds: what a core spends whatever else runs here
+        with recorded_launches(fake_cuda=True) as launches:
+            work.run("cpu")
+        seconds = round(time.process_time() - start, 2)
         for launch in launches:
-            if work.variant is not None and work.variant.op == "attention_fwd" and launch.fn.__name__ != "_fwd_kernel":
-                continue  # a forward variant changes only the forward kernel
-            name, signature, constexprs, attrs, options = specialise(launch)
-            key = repr((name, signature, constexprs, attrs, options.num_warps, options.num_stages))
-            if key in seen:
-                continue
-            seen.add(key)
-            row = dict(workload=work.name, dtype=work.dtype, variant=work.variant.name if work.variant else "default",
-                       **compile_launch(launch))
-            if work.variant is not None:
-                row["variant_config"] = describe(work.variant)
-            rows.append(row)
-            log(format_row(row))
-    return rows
+            build = specialise(launch)
+            if triton_keys.setdefault(launch.key, triton_key(build)) != triton_key(build):
+                raise RuntimeError(f"triton_launches.spec_key merges two of Triton's specialisations: {launch.key}")
+            if launch.key not in first:  # the launch's tensors are dropped: only what the compile needs stays
+                first[launch.key] = (dataclasses.replace(launch, args=(), kwargs={}), build)
+            if name not in users.setdefault(launch.key, []):
+                users[launch.key].append(name)
+        specs = list(dict.fromkeys(launch.spec_id for launch in launches))
+        info[name] = dict(record_s=seconds, launches=len(launches), specs=specs)
+        log(f"recorded {name}: {len(launches)} launches, {len(specs)} specialisations ({seconds} CPU s)")
+        del launches
+    if len(set(triton_keys.values())) != len(triton_keys):
+        raise RuntimeError("triton_launches.spec_key splits one of Triton's specialisations in two")
+    return first, users, info
+
+
+def report(subset: str, timeout_s: float, log: Callable[[str], None] = print
+           ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    first, users, info = record(report_workloads(subset), log)
+    rows = []
+    for key, (launch, build) in first.items():
+        row = dict(spec_id=launch.spec_id, kernel=launch.kernel, dtype=_dtype(key), workload=users[key][0],
+                   variant=_variant(users[key][0]), workloads=users[key], key=key, signature=signature_key(key),
+                   grid=list(launch.grid) if isinstance(launch.grid, tuple) else None,
+                   **compile_with_limit(build, timeout_s))
+        rows.append(row)
+        log(format_row(row))
+    return rows, info
+
+
+def check(path: Path) -> int:
+    """Exit code 1, with the differences, when ``path`` is stale for the ``check`` workloads."""
+    committed = json.loads(path.read_text())
+    first, _, info = record(report_workloads("check"), log=lambda line: None)
+    names = {r["spec_id"]: r["kernel"] for r in committed["rows"]}
+    names.update({launch.spec_id: launch.kernel for launch, _ in first.values()})
+    stale = []
+    for name, now in info.items():
+        then = committed["workloads"].get(name)
+        if then is None:
+            stale.append(f"{name}: not in {path}")
+        elif set(then["specs"]) != set(now["specs"]):
+            new, gone = (sorted(f"{names[s]} {s}" for s in a - b) for a, b in
+                         ((set(now["specs"]), set(then["specs"])), (set(then["specs"]), set(now["specs"]))))
+            stale.append(f"{name}: launches {new} that the report does not have, no more {gone}")
+    for line in stale:
+        print("STALE:", line)
+    if stale:
+        print(f"regenerate it: python benchmarks/aot_report.py --out {path}")
+    return 1 if stale else 0
 
 
 def format_row(r: dict[str, Any]) -> str:
-    config = " ".join(f"{k}={v}" for k, v in r["config"].items() if k.startswith("BLOCK") or k.startswith("num_"))
+    head = f"{r['kernel']:18s} {r['dtype']:5s} {r['compile_s']:6.1f} s  {r['workload'][:44]:44s}"
+    if r.get("timed_out"):
+        return f"{head} TIMED OUT"
     if not r["ok"]:
-        return f"{r['kernel']:18s} {r['dtype']:5s} {r['workload']:17s} {r['variant']:9s} FAILED {r['error'][:200]}"
-    return (f"{r['kernel']:18s} {r['dtype']:5s} {r['workload']:17s} {r['variant']:9s} regs {r['registers']:3d} "
-            f"spills {r['spills']:5d} smem {r['shared_mem']:6d} {r['mma']:8s} {config}")
+        return f"{head} FAILED {r['error'][:200]}"
+    config = " ".join(f"{k}={v}" for k, v in r["config"].items() if k.startswith("BLOCK") or k.startswith("num_"))
+    return f"{head} regs {r['registers']:3d} spills {r['spills']:5d} smem {r['shared_mem']:6d} {r['mma']:8s} {config}"
 
 
 def problems(rows: list[dict[str, Any]]) -> list[str]:
-    """Compile failures, and spills in 16-bit kernels."""
-    out = [f"{r['kernel']} {r['dtype']} {r['workload']} {r['variant']}: {r['error'][:300]}" for r in rows if not r["ok"]]
-    out += [f"{r['kernel']} {r['dtype']} {r['workload']} {r['variant']}: spills {r['spills']} bytes"
+    """Compile failures (time-outs included), and spills in 16-bit kernels."""
+    out = [f"{r['kernel']} {r['dtype']} {r['workload']}: {r['error'][:300]}" for r in rows if not r["ok"]]
+    out += [f"{r['kernel']} {r['dtype']} {r['workload']}: spills {r['spills']} bytes"
             for r in rows if r["ok"] and r["dtype"] in ("bf16", "fp16") and r["spills"]]
     return out
 
@@ -328,22 +394,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", choices=["full", "ci"], default="full")
     parser.add_argument("--out", type=Path, help="JSON report (default: print only)")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="stop a compile after this long and record it as timed out (default 60)")
     parser.add_argument("--fail-on-spill", action="store_true",
                         help="exit 1 on a compile error or a spill in a bf16/fp16 kernel")
+    parser.add_argument("--count", action="store_true",
+                        help="record only: the specialisations of every kernel and workload, nothing compiled")
+    parser.add_argument("--check", type=Path, metavar="REPORT",
+                        help="record the cheap workloads of every kind and exit 1 unless REPORT lists the same "
+                             "specialisations for them (a stale report)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = report(args.subset)
+    if args.check:
+        return check(args.check)
+    if args.count:
+        first, users, info = record(report_workloads(args.subset))
+        kernels: dict[str, int] = {}
+        for launch, _ in first.values():
+            kernels[launch.kernel] = kernels.get(launch.kernel, 0) + 1
+        print(f"{len(first)} specialisations from {len(info)} workloads: "
+              + ", ".join(f"{k} {n}" for k, n in sorted(kernels.items())))
+        return 0
+    rows, info = report(args.subset, args.timeout_s)
     env = environment("cpu")
     meta = dict(target="cuda sm_90a (GPUTarget('cuda', 90, 32))", triton=triton.__version__, torch=torch.__version__,
                 git_commit=env["git_commit"], subset=args.subset, seconds=round(time.perf_counter() - start, 1),
-                shapes=dict(heads=HEADS, head_dim=HEAD_DIM, low_res_tokens=LOW_RES, look_tokens=LOOK, width=WIDTH,
-                            patch=PATCH, resolution=RESOLUTION),
-                fields="spills = spill stores + spill loads (bytes per thread); shared_mem in bytes; mma: wgmma | "
-                       "mma.sync | fma (no tensor-core instruction; dot=false: the kernel has no matrix product)")
+                timeout_s=args.timeout_s, machine=env["device"],
+                fields="one row per specialisation (key: runtime argument types, :16 = 16-byte aligned or divisible "
+                       "by 16, =1 = specialised to 1; constexprs; options); workloads: what launches it; compile_s: "
+                       "offline compile seconds on this machine (timed_out: stopped at timeout_s); spills = spill "
+                       "stores + spill loads (bytes per thread); shared_mem in bytes; mma: wgmma | mma.sync | fma")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-        print(f"wrote {args.out} ({len(rows)} kernels, {meta['seconds']} s)")
+        args.out.write_text(json.dumps(dict(meta=meta, workloads=info, rows=rows), indent=1) + "\n")
+        print(f"wrote {args.out} ({len(rows)} specialisations, {meta['seconds']} s)")
     bad = problems(rows)
     for line in bad:
         print("PROBLEM:", line, file=sys.stderr)

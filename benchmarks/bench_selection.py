@@ -2,9 +2,12 @@
 
 Upstream scores with a chain of PyTorch ops (the library's reference, timed as is) and then, for
 every look, loops in Python over images and scales: already-selected patches get p = -1 and a
-``topk`` takes the look's quota. The library scores in one Triton launch for the whole batch and
-assigns every look of a scale with one stable sort plus one Triton launch, without host syncs
-(so the assignment is also timed inside a CUDA graph).
+``topk`` takes the look's quota. The library scores in two Triton launches for the whole batch
+(high-res cosine map, then the scoring) and assigns every look of a scale with one stable sort
+plus one Triton launch, without host syncs (so the assignment is also timed inside a CUDA graph).
+The scoring's forward + backward (gradients of all four inputs, as a selection head's training
+step needs them: two Triton launches against the reference's autograd) is timed too, and its
+gradients compared with float64.
 
 Shapes follow PS3-4K / 1.5K: 1152-channel 27x27 features, a 512-channel 54x54 high-res map, the
 first high-res scale's map nearest-upsampled to every scale (ties), default quotas per look.
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ps3.bench import scale_set
-from ps3.bench.harness import gpu_ms, op_parser, require_cuda, write_results
+from ps3.bench.harness import bench, op_parser, require_cuda, write_results
 from ps3.selection_plan import default_quotas
 from ps3_kernels import use_backend
 from ps3_kernels.selection import assign_looks, selection_probs
@@ -60,6 +63,23 @@ def score(case: dict[str, Any]) -> torch.Tensor:
     return selection_probs(case["feature"], case["prompt"], case["hr_feature"], case["hr_prompt"])
 
 
+INPUTS = ("feature", "prompt", "hr_feature", "hr_prompt")
+
+
+def score_backward(case: dict[str, Any], grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Forward and backward of the scoring: the gradients of the four inputs for output gradient ``grad``."""
+    leaves = {k: case[k].detach().requires_grad_() for k in INPUTS}
+    probs = score({**case, **leaves})
+    return torch.autograd.grad(probs, list(leaves.values()), grad)
+
+
+def grad_errors(case: dict[str, Any], grad: torch.Tensor, grads: tuple[torch.Tensor, ...]) -> float:
+    """Largest relative (Frobenius) error of ``grads`` against the reference's backward in float64."""
+    with use_backend("torch"):
+        ref = score_backward({**case, **{k: case[k].double() for k in INPUTS}}, grad.double())
+    return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, ref))
+
+
 def assign(probs: list[torch.Tensor], case: dict[str, Any]) -> list[torch.Tensor]:
     """The library's assignment: one call per scale for all images and looks."""
     return [assign_looks(p, q) for p, q in zip(probs, case["quotas"])]
@@ -88,12 +108,25 @@ def upstream_assign(probs: list[torch.Tensor], case: dict[str, Any], stable: boo
     return looks
 
 
+def backward_timings(case: dict[str, Any]) -> dict[str, Any]:
+    """Forward + backward of the scoring on both backends: times, and gradient errors against float64
+    (the Triton path's must stay within twice the reference's own, or 1e-5)."""
+    grad = torch.randn(case["feature"].shape[:1] + case["feature"].shape[2:], device="cuda",
+                       dtype=case["feature"].dtype)
+    out = {}
+    for name in ("reference", "triton"):
+        with use_backend("torch" if name == "reference" else "triton"):
+            out[f"score_fwd_bwd_{name}_ms"] = bench(lambda: score_backward(case, grad)).ms
+            out[f"{name}_grad_rel_err_vs_float64"] = grad_errors(case, grad, score_backward(case, grad))
+    out["score_fwd_bwd_speedup"] = out["score_fwd_bwd_reference_ms"] / out["score_fwd_bwd_triton_ms"]
+    out["grad_ok"] = out["triton_grad_rel_err_vs_float64"] <= max(2 * out["reference_grad_rel_err_vs_float64"], 1e-5)
+    return out
+
+
 def _graph_ms(fn: Callable[[], Any]) -> float | None:
     """Median time of ``fn`` replayed from a CUDA graph (None if it cannot be captured)."""
-    import triton.testing
-
     try:
-        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        return bench(fn, graph=True).ms
     except RuntimeError as e:
         print(f"  (CUDA graph capture failed: {e})")
         return None
@@ -107,6 +140,7 @@ def main() -> None:
     require_cuda("bench_selection.py")
     dtype = getattr(torch, args.dtype)
     rows = []
+    backward: dict[int, dict[str, Any]] = {}
     for resolution in args.resolutions:
         for looks in args.looks:
             for batch in args.batches:
@@ -120,17 +154,21 @@ def main() -> None:
                     got = assign(scaled, case)
                     want = upstream_assign(scaled, case, stable=True)
                     assign_equal = all(torch.equal(g, w) for g, w in zip(got, want))
-                    t_score = gpu_ms(lambda: score(case))
-                    t_assign = gpu_ms(lambda: assign(scaled, case))
+                    t_score = bench(lambda: score(case)).ms
+                    t_assign = bench(lambda: assign(scaled, case)).ms
                     t_assign_graph = _graph_ms(lambda: assign(scaled, case))
                 with use_backend("torch"):
-                    t_score_ref = gpu_ms(lambda: score(case))
-                t_loop = gpu_ms(lambda: upstream_assign(scaled, case))
+                    t_score_ref = bench(lambda: score(case)).ms
+                if batch not in backward:  # the scoring's shapes depend on the batch only
+                    backward[batch] = backward_timings(case)
+                t_loop = bench(lambda: upstream_assign(scaled, case)).ms
                 row = dict(
                     resolution=resolution, scales=scale_set(resolution), batch=batch, looks=looks,
                     quotas_per_look=[int(q[0, 0]) for q in case["quotas"]], max_abs_prob_err=prob_err,
-                    ok=prob_err <= 2 * torch.finfo(dtype).eps and assign_equal, assign_equal=assign_equal,
+                    ok=prob_err <= 2 * torch.finfo(dtype).eps and assign_equal and backward[batch]["grad_ok"],
+                    assign_equal=assign_equal,
                     score_reference_ms=t_score_ref, score_triton_ms=t_score, score_speedup=t_score_ref / t_score,
+                    **backward[batch],
                     assign_upstream_loop_ms=t_loop, assign_triton_ms=t_assign, assign_triton_graph_ms=t_assign_graph,
                     assign_speedup=t_loop / t_assign,
                     total_speedup=(t_score_ref + t_loop) / (t_score + t_assign),
@@ -138,11 +176,13 @@ def main() -> None:
                 rows.append(row)
                 graph = f"{t_assign_graph:.3f}" if t_assign_graph is not None else "n/a"
                 print(f"{resolution:5d}px L={looks:<2d} B={batch:<3d} score {t_score_ref:.3f} -> {t_score:.3f} ms   "
+                      f"fwd+bwd {row['score_fwd_bwd_reference_ms']:.3f} -> {row['score_fwd_bwd_triton_ms']:.3f} ms   "
                       f"assign {t_loop:8.3f} -> {t_assign:.3f} ms (graph {graph})   "
                       f"total x{row['total_speedup']:.1f}")
     wrong = [f"{r['resolution']}px/L={r['looks']}/B={r['batch']}" for r in rows if not r["ok"]]
     write_results(args.out, dict(dtype=args.dtype, tokens_per_look=args.tokens), rows, wrong,
-                  "scoring off the reference by more than 2 eps, or assignment different from upstream's loop,")
+                  "scoring off the reference by more than 2 eps, gradients off float64 by more than twice the "
+                  "reference's error, or assignment different from upstream's loop,")
 
 
 if __name__ == "__main__":

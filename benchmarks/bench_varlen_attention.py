@@ -5,8 +5,10 @@ low-res KV cache (P = 729 tokens), 16 heads of dim 72. Cases: a batch of B image
 look each, a batch of mixed look lengths with two looks per image, and the 4K "all" case of
 87,480 tokens split in looks of 2,560 that share one cache row.
 
-Each implementation runs forward and forward+backward in bf16 (median of
-``triton.testing.do_bench``). Peers get the inputs their library needs (``prepare_impl``):
+Each implementation runs forward and forward+backward in bf16 (median of the shared timer,
+``ps3.bench.harness.bench``: CUDA events, L2 flushed, counted repetitions); the sequences are a
+layout's shared device tables, as the model passes them, so the Triton op's block schedule is
+built once, not per call. Peers get the inputs their library needs (``prepare_impl``):
 "prebuilt" times the attention alone, "with_prep" also builds those inputs (padding,
 concatenated K/V, block mask) inside the timed region, which is what a caller pays. In
 forward+backward the gradients always flow back to q/k/v/prefix, so the backward of a peer's
@@ -23,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ps3.bench.harness import gpu_ms as timed
-from ps3.bench.harness import op_parser, require_cuda, write_results
+from ps3.bench.harness import bench, op_parser, require_cuda, write_results
+from ps3_kernels.layout import PackedSequences
 from ps3_kernels.varlen_attention import available_impls, prepare_impl, varlen_prefix_attention
 
 HEADS, HEAD_DIM, PREFIX_LEN, LOOK = 16, 72, 729, 2560
@@ -35,18 +37,22 @@ PEERS = ("sdpa", "flex", "flash_attn", "xformers")
 
 def make_case(lengths: list[int], prefix_index: list[int], dtype: torch.dtype, device: str, seed: int = 0,
               heads: int = HEADS, head_dim: int = HEAD_DIM, prefix_len: int = PREFIX_LEN) -> dict[str, Any]:
-    """Random inputs of the public op for sequences ``lengths`` reading prefix rows ``prefix_index``."""
-    gen = torch.Generator().manual_seed(seed)
+    """Random inputs of the public op for sequences ``lengths`` reading prefix rows ``prefix_index``.
+
+    ``cu_seqlens`` and ``prefix_index`` are a layout's shared device tables
+    (:meth:`~ps3_kernels.layout.PackedSequences.from_lengths`), as the model passes them.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: GPU-sized cases stay cheap
     total, rows = sum(lengths), max(prefix_index) + 1
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
-    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    seqs = PackedSequences.from_lengths(lengths, device, prefix_index)
     return dict(q=randn(total, heads, head_dim), k=randn(total, heads, head_dim), v=randn(total, heads, head_dim),
-                cu_seqlens=cu, prefix_k=randn(rows, heads, prefix_len, head_dim),
-                prefix_v=randn(rows, heads, prefix_len, head_dim),
-                prefix_index=torch.tensor(prefix_index, dtype=torch.int32, device=device), max_seqlen=max(lengths))
+                cu_seqlens=seqs.cu_seqlens, prefix_k=randn(rows, heads, prefix_len, head_dim),
+                prefix_v=randn(rows, heads, prefix_len, head_dim), prefix_index=seqs.prefix_index,
+                max_seqlen=seqs.max_seqlen)
 
 
 def cases(batches: list[int]) -> list[tuple[str, list[int], list[int]]]:
@@ -97,6 +103,11 @@ def check_grads(case: dict[str, Any]) -> dict[str, float]:
         out = varlen_prefix_attention(**{**case, **leaves}, impl=impl)
         grads[impl] = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
     return {n: (a.float() - b).abs().max().item() for n, a, b in zip(names, grads["triton"], grads["torch"])}
+
+
+def timed(fn, grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median ms of ``fn()`` (the shared timer's defaults: 3 warm-up calls, 10 timed)."""
+    return bench(fn, grad_to_none=grad_to_none).ms
 
 
 def bench_case(name: str, lengths: list[int], index: list[int], impls: list[str], dtype: torch.dtype,

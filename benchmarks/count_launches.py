@@ -32,7 +32,7 @@ from ps3.demo import randomize_parameters_  # noqa: E402
 from ps3_kernels import use_backend  # noqa: E402
 from ps3_kernels.counting import count_launches  # noqa: E402
 
-DRY = ("_fwd_kernel", "_embed_kernel", "_probs_kernel")
+DRY = ("_fwd_kernel", "_embed_kernel", "_cosine_map_kernel", "_probs_kernel")
 
 
 def ps3_4k_geometry(width: int = 16) -> PS3VisionConfig:

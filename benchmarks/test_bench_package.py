@@ -149,4 +149,15 @@ def test_op_script_helpers(tmp_path):
         harness.write_results(path, {"dtype": "float32"}, [{"x": 1}], ["a", "b"], "off by 2")
     written = json.loads(path.read_text())
     assert written["results"] == [{"x": 1}] and written["meta"]["dtype"] == "float32" and written["meta"]["torch"]
-    assert harness.measure_latency(lambda x: x + 1, torch.zeros(2), warmup=1, reps=3)[1] == "perf_counter"
+
+def test_the_shared_timer_on_the_cpu():
+    """Counts, not milliseconds: ``warmup`` untimed calls then ``reps`` timed ones; bad counts are refused."""
+    calls = []
+    timing = harness.bench(lambda: calls.append(1), warmup=2, reps=5, cuda=False)
+    assert len(calls) == 7 and timing.timer == "perf_counter" and timing.reps == 5
+    assert 0 <= timing.min_ms <= timing.ms <= timing.max_ms
+    timing, peak, kind = harness.measure_call(lambda x: x + 1, torch.zeros(2), warmup=1, reps=3)
+    assert timing.timer == "perf_counter" and peak is not None and kind
+    for bad in (dict(warmup=-1), dict(reps=0), dict(warmup=0, peak_memory=True)):
+        with pytest.raises(ValueError):
+            harness.bench(lambda: None, **{"warmup": 1, "reps": 1, **bad}, cuda=False)

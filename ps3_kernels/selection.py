@@ -31,7 +31,8 @@ PROBS_SUPPORT = TritonSupport(
     dtypes=TRITON_DTYPES,
     differentiable=("feature", "prompt", "highres_feature", "highres_prompt"),
     limits=("inputs of mixed dtypes are cast to their promoted dtype first",),
-    backward="the reference's backward (PyTorch ops on the device, recomputing the small forward)",
+    backward="Triton kernels: one launch for the feature gradients and per-program prompt partial sums, one "
+             "for their fixed-order reduction (deterministic, no atomics)",
 )
 LOOKS_SUPPORT = TritonSupport(
     op="assign_looks",

@@ -25,21 +25,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def poisoned_empty() -> Iterator[None]:
-    """Make every ``torch.empty`` NaN (floats) or -7 (ints), so an unwritten output element shows.
+    """Make every ``torch.empty`` and ``torch.empty_like`` NaN (floats) or -7 (ints), so an unwritten
+    output element shows.
 
     Used by the ``poisoned`` fixture and by ``benchmarks/gpu_suite.py``'s correctness stage.
     """
-    real_empty = torch.empty
+    real = torch.empty, torch.empty_like
 
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan") if out.is_floating_point() else -7)
+    def poisoning(allocate):
+        def poisoned(*args, **kwargs):
+            out = allocate(*args, **kwargs)
+            return out.fill_(float("nan") if out.is_floating_point() else -7)
+        return poisoned
 
-    torch.empty = empty
+    torch.empty, torch.empty_like = map(poisoning, real)
     try:
         yield
     finally:
-        torch.empty = real_empty
+        torch.empty, torch.empty_like = real
 
 
 def load_case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -142,23 +142,28 @@ def _op_cases():
     token_args = (tokens.image, tokens.scale, tokens.row, tokens.col)
     weight, bias, pos, res = (t.requires_grad_() for t in (weight, bias, pos, res))
     feature, prompt, hr, hp = (t.requires_grad_() for t in scoring_inputs(2, 20, 4, 3, (8, 9, 7), torch.float32))
+    with torch.no_grad():
+        _, logit, argmax = torch.ops.ps3_kernels.selection_probs(*to_device((feature, prompt, hr, hp)))
     return {
         "varlen_prefix_attention": (att["q"], att["k"], att["v"], att["cu_seqlens"], att["prefix_k"],
                                     att["prefix_v"], att["prefix_index"], 0.25, None),
         "sparse_patch_embed": (pixels, geometry, *token_args, weight, bias, pos, pos_index, res, res_index),
         "gather_patches": (pixels, geometry, *token_args, weight.detach()),
         "selection_probs": (feature, prompt, hr, hp),
+        "selection_probs_backward": (torch.randn(2, 4, 3), logit.cpu(), argmax.cpu(), *(t.detach() for t in (
+            feature, prompt, hr, hp)), True, [True, False, True, True]),
         "assign_looks": (torch.rand(2, 12).requires_grad_(), torch.tensor([[3, 2], [0, 5]])),
     }
 
 
 @pytest.mark.skipif(not backend.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("name", ["varlen_prefix_attention", "sparse_patch_embed", "gather_patches",
-                                  "selection_probs", "assign_looks"])
+                                  "selection_probs", "selection_probs_backward", "assign_looks"])
 def test_opcheck(name):
     """Schema, fake (meta) impl, autograd registration and AOT dispatch of every registered op."""
     args = to_device(_op_cases()[name])
-    if name == "gather_patches":  # no input requires grad: the autograd-registration check does not apply
+    if name in ("gather_patches", "selection_probs_backward"):  # no input requires grad: the
+        # autograd-registration check does not apply
         torch.library.opcheck(getattr(torch.ops.ps3_kernels, name).default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     else:

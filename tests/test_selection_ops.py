@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ps3_kernels import use_backend
+from ps3_kernels.counting import count_launches
 from ps3_kernels.selection import assign_looks, assign_looks_reference, selection_probs, selection_probs_reference
 
-from helpers import rel_err, run_triton
+from helpers import DEVICE, rel_err, run_triton, to_device
+from test_no_host_sync import forbid_host_reads
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -66,6 +71,180 @@ def test_probs_equal_inputs_tie(poisoned, hr_shape):
     blocks = out.unflatten(1, (4, 2)).unflatten(3, (4, 2))
     assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
     assert (out - selection_probs_reference(feature, prompt, hr, hp)).abs().max() < 3e-7
+
+
+# ----------------------------------------------------------------------------- scoring: backward
+
+NAMES = ("feature", "prompt", "highres_feature", "highres_prompt")
+
+
+def triton_and_float64(args, needs=None, views=None, seed=0):
+    """Forward and backward of the Triton path and of the reference on float64 copies of the same
+    values, for one random output gradient: ``{"out" or input name: (triton, float64)}`` (the
+    gradients of the inputs in ``needs``, default all given; the others must get none).
+    ``views`` maps the leaves to the tensors passed to the op (non-contiguous layouts)."""
+    needs = needs or [a is not None for a in args]
+    views = views or (lambda *leaves: leaves)
+    leaves = [a.detach().to(DEVICE).requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
+    with use_backend("triton"):
+        out = selection_probs(*views(*leaves))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(grad.to(DEVICE, out.dtype))
+    ref_leaves = [a.detach().double().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
+    ref = selection_probs_reference(*views(*ref_leaves))
+    ref.backward(grad.double())
+    pairs = {"out": (out.detach().cpu(), ref.detach())}
+    for name, leaf, ref_leaf, need in zip(NAMES, leaves, ref_leaves, needs):
+        if need:
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+            pairs[name] = (leaf.grad.cpu(), ref_leaf.grad)
+        elif leaf is not None:
+            assert leaf.grad is None, name
+    return pairs
+
+
+def errors(pairs):
+    return {name: rel_err(got, want) for name, (got, want) in pairs.items()}
+
+
+GEOMETRIES = {  # (B, C, h, w, high-res (C2, H2, W2))
+    "grid1x1": (1, 8, 1, 1, (6, 5, 7)),
+    "odd_overlapping_B3": (3, 12, 5, 3, (6, 11, 7)),
+    "highres_smaller_than_grid": (2, 10, 5, 4, (6, 3, 2)),
+    "nonsquare_wide_grid": (1, 10, 3, 7, (4, 13, 5)),
+    "no_highres_B3": (3, 9, 4, 4, None),
+}
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_probs_backward_geometries(poisoned, geometry):
+    """Every gradient within fp32 rounding of float64 (adaptive bins that overlap, or that hold one
+    high-res pixel many times over), every element written, the same bits on a second run."""
+    B, C, h, w, hr_shape = geometry
+    args = scoring_inputs(B, C, h, w, hr_shape, torch.float32, seed=5)
+    pairs = triton_and_float64(args)
+    assert max(errors(pairs).values()) < 1e-6, errors(pairs)
+    again = triton_and_float64(args)
+    assert all(torch.equal(again[n][0], pairs[n][0]) for n in pairs)
+
+
+SUBSETS = [s for k in range(1, 5) for s in itertools.combinations(NAMES, k)]
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=["+".join(n.replace("highres_", "hr_") for n in s) for s in SUBSETS])
+def test_probs_backward_each_subset_of_inputs(subset):
+    args = scoring_inputs(2, 6, 3, 4, (5, 5, 7), torch.float32, seed=6)
+    pairs = triton_and_float64(args, needs=[n in subset for n in NAMES])
+    assert set(pairs) == {"out", *subset}
+    assert max(errors(pairs).values()) < 1e-6, errors(pairs)
+
+
+def test_probs_backward_max_pool_ties():
+    """Equal high-res cosines inside bins: each bin's gradient goes to its first cell in raster order,
+    as PyTorch's max pool routes it (and the forward's argmax is PyTorch's index).
+
+    The pixels are scaled one-hot vectors, so their cosines are one prompt entry each, exactly, in
+    any arithmetic (equal vectors are not enough: the CPU reference sums the channels of different
+    pixels in different orders)."""
+    feature, prompt, _, hp = scoring_inputs(2, 8, 3, 3, (4, 1, 1), torch.float32, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    channel = torch.randint(0, 3, (2, 7, 8), generator=gen)
+    channel[1] = 2  # image 1: every cell of every bin ties
+    hr = F.one_hot(channel, 4).permute(0, 3, 1, 2) * torch.rand(2, 1, 7, 8, generator=gen).add(0.5)
+    pairs = triton_and_float64([feature, prompt, hr, hp])
+    assert max(errors(pairs).values()) < 1e-6, errors(pairs)
+    got, want = pairs["highres_feature"]
+    assert torch.equal(got.ne(0).any(1), want.ne(0).any(1))  # the same pixels receive gradients
+    cos = (F.normalize(hr, dim=1) * F.normalize(hp, dim=-1)[:, :, None, None]).sum(1)
+    _, index = F.adaptive_max_pool2d(cos, (3, 3), return_indices=True)
+    with use_backend("triton"):
+        argmax = torch.ops.ps3_kernels.selection_probs(*to_device((feature, prompt, hr, hp)))[2]
+    assert torch.equal(argmax.cpu().long(), index)
+
+
+def test_probs_backward_zero_and_tiny_vectors(poisoned):
+    """F.normalize's eps: zero vectors, one of norm below 1e-12 (scaled by 1/eps, no norm gradient),
+    a zero prompt (image 0) and a zero high-res prompt (image 1)."""
+    feature, prompt, hr, hp = scoring_inputs(2, 8, 4, 3, (6, 9, 5), torch.float32, seed=8)
+    feature[:, :, 0, 0] = 0
+    feature[:, :, 2, 1] *= 1e-13
+    hr[:, :, 3:6, 1] = 0
+    prompt[0] = 0
+    hp[1] = 0
+    pairs = triton_and_float64([feature, prompt, hr, hp])
+    for name, (got, want) in pairs.items():
+        for b in range(2):  # per image: a zero prompt's gradient is 1e12 times the other's
+            assert rel_err(got[b], want[b]) < 1e-6, (name, b)
+
+
+def test_probs_backward_noncontiguous(poisoned):
+    """Sliced, transposed and expanded (stride 0) inputs and a transposed output gradient."""
+    feature, prompt, hr, hp = scoring_inputs(3, 16, 5, 4, (6, 6, 9), torch.float32, seed=9)
+    args = [feature, prompt[:1], hr.transpose(2, 3), hp]  # hr stored (B, C2, W2, H2)
+
+    def views(f, p, h, q):
+        return f[:, ::2], p.expand(3, -1)[:, ::2], h.transpose(2, 3)[:, 1:5], q[:, 1:5]
+
+    pairs = triton_and_float64(args, views=views)
+    assert max(errors(pairs).values()) < 1e-6, errors(pairs)
+    leaves = [a.detach().to(DEVICE).requires_grad_() for a in args]
+    with use_backend("triton"):
+        out = selection_probs(*views(*leaves))
+    grad = torch.randn(3, 4, 5).to(DEVICE).transpose(1, 2)  # not contiguous
+    out.backward(grad)
+    ref = [a.detach().double().requires_grad_() for a in args]
+    selection_probs_reference(*views(*ref)).backward(grad.double())
+    assert max(rel_err(a.grad.cpu(), r.grad) for a, r in zip(leaves, ref)) < 1e-6
+
+
+def test_probs_mixed_dtypes_gradients():
+    """Inputs are promoted (here to fp32) and each gradient comes back in its input's dtype."""
+    feature, prompt, hr, hp = scoring_inputs(2, 12, 4, 3, (6, 7, 5), torch.float32, seed=10)
+    args = [feature.bfloat16(), prompt, hr.half(), hp.bfloat16()]
+    pairs = triton_and_float64(args)
+    assert pairs["out"][0].dtype == torch.float32 and errors(pairs)["out"] < 1e-6
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+    for name, a in zip(NAMES, args):
+        assert errors(pairs)[name] < tol[a.dtype], (name, errors(pairs)[name])
+
+
+def test_probs_backward_clamp_bounds():
+    """The backward of the clamp at +-10 (unreachable from finite features, whose |5 cos| <= 5): zero
+    outside, passing at the bounds as ``torch.clamp``'s does; driven through the backward op with
+    crafted logits, against autograd of the reference's tail in float64."""
+    feature, prompt, _, _ = scoring_inputs(1, 6, 2, 4, None, torch.float32, seed=11)
+    logit = torch.tensor([[[-12.0, -10.0, -3.5, 0.0], [2.0, 10.0, 10.5, 40.0]]])
+    grad = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(0))
+    with use_backend("triton"):
+        got = torch.ops.ps3_kernels.selection_probs_backward(
+            *to_device((grad, logit, torch.empty(0, dtype=torch.int32), feature, prompt)), None, None, False,
+            [True, True, False, False])
+    z = logit.double().requires_grad_()
+    probs = F.softmax(F.pad(z.clamp(-10, 10)[..., None], (0, 1)), dim=-1)[..., 0]
+    (d_cos,) = torch.autograd.grad(probs, z, grad.double())
+    f, p = feature.double().requires_grad_(), prompt.double().requires_grad_()
+    cos = (F.normalize(f, dim=1) * F.normalize(p, dim=-1)[:, :, None, None]).sum(1)
+    want = torch.autograd.grad(cos, (f, p), 5 * d_cos)
+    assert d_cos[0, 0, 0] == 0 and d_cos[0, 1, 2] == 0 and d_cos[0, 0, 1] != 0 and d_cos[0, 1, 1] != 0
+    for g, w in zip(got[:2], want):
+        assert rel_err(g.cpu(), w) < 1e-6
+    assert got[2].numel() == got[3].numel() == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_probs_launches(batch):
+    """Forward: the high-res cosine map and the scoring; backward: one kernel and the prompt reduction.
+    No ATen kernel, whatever the batch, and no host read of a device value (the kernels are recorded,
+    not run: the interpreter copies)."""
+    args = [a.requires_grad_() for a in to_device(scoring_inputs(batch, 8, 3, 3, (4, 7, 6), torch.float32))]
+    dry = ("_cosine_map_kernel", "_probs_kernel", "_probs_bwd_kernel", "_prompt_grad_kernel")
+    with use_backend("triton"), count_launches(dry=dry) as fwd, forbid_host_reads():
+        out = selection_probs(*args)
+    grad = torch.ones_like(out)
+    with count_launches(dry=dry) as bwd, forbid_host_reads():
+        out.backward(grad)
+    assert dict(fwd.triton) == {"_cosine_map_kernel": 1, "_probs_kernel": 1} and fwd.launches == 2
+    assert dict(bwd.triton) == {"_probs_bwd_kernel": 1, "_prompt_grad_kernel": 1} and bwd.launches == 2
 
 
 # ----------------------------------------------------------------------------- look assignment

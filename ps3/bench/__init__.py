@@ -45,7 +45,7 @@ from ..configuration_ps3 import PS3VisionConfig
 from ..demo import demo_config, randomize_parameters_
 from ..modeling_ps3 import PS3VisionModel
 from ..selection_plan import plan_looks
-from .harness import environment, error_text, is_oom, measure_latency, measure_peak_memory
+from .harness import environment, error_text, is_oom, measure_call
 from .report import markdown_table, plot
 
 # Run by its path under upstream's interpreter (``python -m ps3...`` would import this project's ``ps3``).
@@ -76,17 +76,17 @@ class Preset:
     batches: tuple[int, ...]
     device: str
     dtype: torch.dtype
-    warmup: int  # CPU: untimed runs; GPU: do_bench warm-up in ms
-    reps: int  # CPU: timed runs; GPU: do_bench repetition time in ms
+    warmup: int  # untimed calls before the timed ones (harness.bench)
+    reps: int  # timed calls (median reported)
 
 
 PRESETS: dict[str, Preset] = {
     "cpu-smoke": Preset("tiny random trunk (width 64, depth 4), PS3-1.5K geometry, fp32 on CPU",
                         "demo", 1280, (378, 756, 1512), (1,), "cpu", torch.float32, 1, 3),
     "gpu-1.5k": Preset("SO400M-shaped random weights, PS3-1.5K budget (1280 tokens per look), bf16",
-                       "so400m", 1280, (378, 756, 1512), (1, 4, 16), "cuda", torch.bfloat16, 25, 100),
+                       "so400m", 1280, (378, 756, 1512), (1, 4, 16), "cuda", torch.bfloat16, 2, 10),
     "gpu-4k": Preset("SO400M-shaped random weights, PS3-4K budget (2560 tokens per look), bf16",
-                     "so400m", 2560, (378, 756, 1512, 2268, 3024, 3780), (1, 4, 16), "cuda", torch.bfloat16, 25, 100),
+                     "so400m", 2560, (378, 756, 1512, 2268, 3024, 3780), (1, 4, 16), "cuda", torch.bfloat16, 2, 10),
 }
 
 BASE_SCALE = 378  # every preset's ViT input size s0
@@ -201,6 +201,7 @@ class Options:
     upstream_timeout: float
     seed: int
     upstream_pythonpath: str | None = None  # PYTHONPATH of the upstream worker (a --target folder)
+    upstream_flops: bool = True  # the upstream worker counts FLOPs (one more call per entry)
 
 
 def empty_record(opts: Options, env: dict, method: str, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -208,31 +209,39 @@ def empty_record(opts: Options, env: dict, method: str, resolution: int, batch: 
         "method": method, "resolution": resolution, "batch": batch, "tokens": None, "out_tokens": None,
         "flops": None, "flops_per_image": None, "attn_flops": None, "attn_flops_counted": None,
         "latency_ms": None, "latency_ms_per_image": None, "tflops_per_s": None, "peak_mem_mb": None,
-        "peak_mem_kind": None, "timer": None, "status": None, "error": None,
+        "peak_mem_kind": None, "timer": None, "timing": None, "status": None, "error": None,
         "preset": opts.preset, "dtype": str(dtype).replace("torch.", ""), **env,
     }
 
 
+def method_counts(method: str, meta_model: PS3VisionModel, resolution: int, batch: int) -> dict[str, Any]:
+    """Tokens and FLOPs of ``method`` on ``batch`` images of side ``resolution``, counted on the meta
+    device: the record fields ``tokens``, ``out_tokens`` (per image), ``flops``, ``flops_per_image``,
+    ``attn_flops`` and ``attn_flops_counted`` (the whole batch)."""
+    seqs = method_sequences(method, meta_model, resolution)
+    enc = meta_model.vision_model
+    exact_attn = batch * sum(attention_flops(groups, enc.width, enc.layers, prefix) for groups, prefix in seqs)
+    x_meta = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=next(meta_model.parameters()).dtype)
+    total, counted_attn, out_shape = count_flops(method_fn(method, meta_model, resolution), x_meta)
+    flops = total - counted_attn + exact_attn
+    return dict(tokens=sum(count_tokens(g) for g, _ in seqs), out_tokens=int(out_shape[1]), flops=flops,
+                flops_per_image=flops // batch, attn_flops=exact_attn, attn_flops_counted=counted_attn)
+
+
 def run_method(
     rec: dict[str, Any], method: str, run_model: PS3VisionModel | None, meta_model: PS3VisionModel,
-    x: torch.Tensor | None, warmup: int, reps: int, latency: Callable[..., tuple[float, str]] = measure_latency,
+    x: torch.Tensor | None, warmup: int, reps: int, counts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fill ``rec`` for one of this project's methods: count on meta, then (if a model and
-    input are given) measure peak memory and latency (``latency(fn, x, warmup, reps)``, by
-    default :func:`measure_latency`). Errors are recorded, never raised."""
+    """Fill ``rec`` for one of this project's methods: count on meta (:func:`method_counts`, unless
+    ``counts`` brings them), then (if a model and input are given) measure peak memory and latency
+    (:func:`~ps3.bench.harness.measure_call`: ``warmup`` and ``reps`` calls, the median). Errors are
+    recorded, never raised."""
     R, B = rec["resolution"], rec["batch"]
     if method in PS3_LOOKS and R <= meta_model.vision_model.ps3_scales[0]:
         rec.update(status="skipped", error=f"PS3 needs a high-res scale above {R}; at {R} it is the plain ViT")
         return rec
     try:
-        seqs = method_sequences(method, meta_model, R)
-        enc = meta_model.vision_model
-        exact_attn = B * sum(attention_flops(groups, enc.width, enc.layers, prefix) for groups, prefix in seqs)
-        x_meta = torch.empty(B, 3, R, R, device="meta", dtype=next(meta_model.parameters()).dtype)
-        total, counted_attn, out_shape = count_flops(method_fn(method, meta_model, R), x_meta)
-        flops = total - counted_attn + exact_attn
-        rec.update(tokens=sum(count_tokens(g) for g, _ in seqs), out_tokens=int(out_shape[1]), flops=flops,
-                   flops_per_image=flops // B, attn_flops=exact_attn, attn_flops_counted=counted_attn)
+        rec.update(counts if counts is not None else method_counts(method, meta_model, R, B))
     except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
         rec.update(status="failed", error="counting: " + error_text(exc))
         return rec
@@ -242,8 +251,8 @@ def run_method(
     fn = method_fn(method, run_model, R)
     try:
         with torch.inference_mode():
-            rec["peak_mem_mb"], rec["peak_mem_kind"] = measure_peak_memory(fn, x)
-            rec["latency_ms"], rec["timer"] = latency(fn, x, warmup, reps)
+            timing, rec["peak_mem_mb"], rec["peak_mem_kind"] = measure_call(fn, x, warmup, reps)
+        rec.update(latency_ms=timing.ms, timer=timing.timer, timing=timing.record())
         rec.update(status="ok", latency_ms_per_image=rec["latency_ms"] / B,
                    tflops_per_s=rec["flops"] / (rec["latency_ms"] * 1e-3) / 1e12)
     except Exception as exc:  # noqa: BLE001
@@ -277,6 +286,7 @@ def run_upstream(
         "resolution": resolution, "batches": sorted({r["batch"] for r in records}),
         "looks": [UPSTREAM_LOOKS[m] for m in methods], "device": preset.device,
         "dtype": str(preset.dtype).replace("torch.", ""), "warmup": opts.warmup, "reps": opts.reps, "seed": opts.seed,
+        "count_flops": opts.upstream_flops,
     }
     env = None
     if opts.upstream_pythonpath:
@@ -306,7 +316,8 @@ def run_upstream(
         if res is None:
             rec.update(status="failed", error=missing or "upstream worker returned no result")
             continue
-        rec.update({k: res.get(k) for k in ("status", "error", "tokens", "flops", "latency_ms", "peak_mem_mb", "peak_mem_kind", "timer")})
+        rec.update({k: res.get(k) for k in ("status", "error", "tokens", "flops", "latency_ms", "peak_mem_mb",
+                                            "peak_mem_kind", "timer", "timing")})
         rec["out_tokens"] = res.get("tokens")
         rec["upstream_version"] = reply.get("upstream_version")
         if rec["flops"] is not None:
@@ -398,8 +409,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     parser.add_argument("--max-resolution", type=int, help="drop resolutions above this")
     parser.add_argument("--batches", type=_int_list, help="comma-separated batch sizes (default: the preset's)")
     parser.add_argument("--count-only", action="store_true", help="count tokens and FLOPs only (no device needed)")
-    parser.add_argument("--warmup", type=int, help="CPU: untimed runs; GPU: do_bench warm-up ms (default: the preset's)")
-    parser.add_argument("--reps", type=int, help="CPU: timed runs; GPU: do_bench repetition ms (default: the preset's)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before the timed ones (default: the preset's)")
+    parser.add_argument("--reps", type=int, help="timed calls, median reported (default: the preset's)")
     parser.add_argument("--upstream-python", help="python of a venv with upstream PS3 (ps3-torch + timm) to time it too")
     parser.add_argument("--upstream-timeout", type=float, default=3600.0, help="seconds per upstream subprocess (default 3600)")
     parser.add_argument("--seed", type=int, default=0)

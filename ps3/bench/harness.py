@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,52 +38,106 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-# ----------------------------------------------------------------------------- timers
+# ----------------------------------------------------------------------------- the timer
+
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 (H100 50 MB, H200 60 MB)
+_TIMER_NAMES = {"cuda": "cuda_events_l2_flushed", "graph": "cuda_graph_replay_l2_flushed", "cpu": "perf_counter"}
 
 
-def gpu_ms(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None = None,
-           warmup: int = 25, rep: int = 100) -> float:
-    """Median ms of ``fn()`` by ``triton.testing.do_bench`` (``warmup`` and ``rep`` in ms)."""
-    import triton.testing
+@dataclass
+class Timing:
+    """What :func:`bench` measured: the median and spread of ``reps`` calls after ``warmup`` calls."""
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    ms: float  # median
+    min_ms: float
+    max_ms: float
+    warmup: int
+    reps: int
+    timer: str
+    peak_mem_mb: float | None = None  # of the first warm-up call (CUDA, ``peak_memory=True``)
 
-
-def wall_ms(fn: Callable[[], Any]) -> float:
-    """Ms of one ``fn()`` call by ``time.perf_counter``."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def cuda_event_ms(fn: Callable[[], Any]) -> float:
-    """Ms of one ``fn()`` call between two CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    def record(self) -> dict[str, Any]:
+        return dict(ms=self.ms, min_ms=self.min_ms, max_ms=self.max_ms, warmup=self.warmup, reps=self.reps,
+                    timer=self.timer)
 
 
-def measure_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int, reps: int) -> tuple[float, str]:
-    """Median latency (ms) of ``fn(x)`` and the timer used.
+def bench(fn: Callable[[], Any], warmup: int = 3, reps: int = 10, *, cuda: bool | None = None,
+          grad_to_none: Sequence[torch.Tensor] | None = None, peak_memory: bool = False,
+          graph: bool = False) -> Timing:
+    """The one timer of every benchmark here: ``warmup`` untimed calls, then ``reps`` timed calls.
 
-    CUDA: ``triton.testing.do_bench`` (``warmup``/``reps`` in ms; CUDA events with
-    ``warmup`` and ``reps`` as counts if Triton is missing). CPU: ``time.perf_counter``
-    over ``reps`` calls after ``warmup`` untimed ones.
+    CUDA (``cuda`` defaults to whether a GPU is visible): before each timed call the L2 cache is
+    flushed (a 256 MiB buffer zeroed) and the gradients of ``grad_to_none`` are dropped, both
+    outside the timed region; each call sits between two CUDA events, read once at the end, so
+    a call whose host work outlasts its kernels is timed as the host sees it. ``graph=True``
+    captures one call in a CUDA graph (after the warm-up, on a side stream) and times its replays
+    the same way: device time without the host's launch work. ``peak_memory``: the first warm-up
+    call runs alone after ``torch.cuda.reset_peak_memory_stats`` and its
+    ``max_memory_allocated`` is returned (weights and inputs included; needs ``warmup >= 1``).
+    CPU: ``time.perf_counter`` around each call (no cache flush).
+    """
+    if warmup < 0 or reps < 1 or (peak_memory and warmup < 1):
+        raise ValueError(f"bench needs warmup >= 0 (>= 1 with peak_memory) and reps >= 1, got {warmup}, {reps}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        if graph:
+            raise ValueError("bench(graph=True) needs CUDA")
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return Timing(statistics.median(times), min(times), max(times), warmup, reps, _TIMER_NAMES["cpu"])
+    peak = None
+    if peak_memory:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    for _ in range(warmup - int(peak_memory)):
+        fn()
+    call = fn
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # allocations of the captured call come from the graph's pool after this
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            fn()
+        call = captured.replay
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        for t in grad_to_none or ():
+            t.grad = None
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) for start, end in events]
+    return Timing(statistics.median(times), min(times), max(times), warmup, reps,
+                  _TIMER_NAMES["graph" if graph else "cuda"], peak)
+
+
+def measure_call(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int,
+                 reps: int) -> tuple[Timing, float, str]:
+    """Latency (:func:`bench`, counts) and peak memory of ``fn(x)``: ``(timing, peak MiB, how)``.
+
+    CUDA: the peak of the first warm-up call (see :func:`bench`); CPU: one call of its own
+    (:func:`measure_peak_memory`) before the timer's calls.
     """
     if x.is_cuda:
-        try:
-            return gpu_ms(lambda: fn(x), warmup=warmup, rep=reps), "triton.do_bench"
-        except ImportError:
-            pass
-        for _ in range(max(warmup, 1)):
-            fn(x)
-        return statistics.median(cuda_event_ms(lambda: fn(x)) for _ in range(max(reps, 1))), "cuda_events"
-    for _ in range(warmup):
-        fn(x)
-    return statistics.median(wall_ms(lambda: fn(x)) for _ in range(max(reps, 1))), "perf_counter"
+        timing = bench(lambda: fn(x), max(warmup, 1), max(reps, 1), cuda=True, peak_memory=True)
+        return timing, timing.peak_mem_mb, "cuda_max_memory_allocated"
+    peak, kind = measure_peak_memory(fn, x)
+    return bench(lambda: fn(x), max(warmup, 0), max(reps, 1), cuda=False), peak, kind
 
 
 def _proc_status_kb(field: str) -> int:

@@ -10,8 +10,10 @@ folder holding this project's package leaves ``sys.path``, the imported package 
 checked, and the shared timers come from ``harness.py`` loaded by its path. It builds an
 upstream model of the same shape with upstream's own random init (a trunk unknown to timm is
 registered under the config's name), keeps one hidden layer as the bench does, and for each
-(batch, looks) measures peak memory, FLOPs (``FlopCounterMode`` on the real run, attention as
-upstream executes it) and median latency with ``ps3.bench``'s timers. Failures and OOMs are
+(batch, looks) measures peak memory and median latency with the shared timer
+(``harness.bench``: CUDA events, L2 flushed, warm-up and repetitions by count) and, unless the
+request says ``count_flops: false``, FLOPs (``FlopCounterMode`` on one more call, attention on
+SDPA's math backend as the counter needs). Failures and OOMs are
 reported per entry, and RESULT.json is rewritten after every entry.
 """
 
@@ -34,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("ps3_bench_harness", HERE / "harness.py")
 harness = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = harness  # registered before it runs: its dataclasses look their module up
 _spec.loader.exec_module(harness)
 
 
@@ -81,7 +84,9 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(model, x: torch.Tensor, looks, warmup: int, reps: int) -> dict:
+def measure(model, x: torch.Tensor, looks, warmup: int, reps: int, flops: bool = True) -> dict:
+    """Peak memory and median latency (``harness.measure_call``: the one timer of this project's
+    benchmarks, counts not milliseconds) and, with ``flops``, one more call to count FLOPs."""
     entry = {"batch": x.shape[0], "looks": looks, "status": None, "error": None, "tokens": None, "flops": None,
              "latency_ms": None, "peak_mem_mb": None, "peak_mem_kind": None, "timer": None}
     shapes = []
@@ -93,14 +98,17 @@ def measure(model, x: torch.Tensor, looks, warmup: int, reps: int) -> dict:
 
     try:
         with torch.inference_mode():
-            entry["peak_mem_mb"], entry["peak_mem_kind"] = harness.measure_peak_memory(fn, x)
+            timing, entry["peak_mem_mb"], entry["peak_mem_kind"] = harness.measure_call(fn, x, warmup, reps)
             entry["tokens"] = int(shapes[0][1])
-            entry["latency_ms"], entry["timer"] = harness.measure_latency(fn, x, warmup, reps)
+            entry["latency_ms"], entry["timer"] = timing.ms, timing.timer
+            entry["timing"] = timing.record()
         entry["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - every failure is a result
         entry.update(status="OOM" if harness.is_oom(exc) else "failed", error=harness.error_text(exc),
                      latency_ms=None, peak_mem_mb=None)
         _release(x)
+        return entry
+    if not flops:
         return entry
     try:
         with torch.inference_mode():
@@ -144,7 +152,8 @@ def main(argv: list[str]) -> int:
         gen = torch.Generator(device=device).manual_seed(request["seed"])
         x = torch.randn(B, 3, R, R, generator=gen, device=device).to(dtype)
         for looks in request["looks"]:
-            reply["results"].append(measure(model, x, looks, request["warmup"], request["reps"]))
+            reply["results"].append(measure(model, x, looks, request["warmup"], request["reps"],
+                                            request.get("count_flops", True)))
             # Rewritten after every entry, so a caller that stops this process keeps what was measured.
             out.with_suffix(".tmp").write_text(json.dumps(reply))
             out.with_suffix(".tmp").replace(out)

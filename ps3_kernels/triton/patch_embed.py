@@ -156,8 +156,16 @@ def _patch_tile(base, stride_c, stride_h, stride_w, height, width, out_h, out_w,
 
 # ----------------------------------------------------------------------------- kernels
 
+# What varies with the batch is not specialised: counts (Triton would compile a new binary when one
+# is 1 or changes divisibility by 16), the pixel buffer's address (a batch, a list's shared storage
+# or a flat copy; its loads are gathers that alignment does not widen) and the token and table
+# indices' addresses (views of one stacked tensor are 16-byte aligned or not with the token
+# count; one int64 per token). One binary per dtype and model serves every batch. ``c_out``, a
+# model constant and the row stride of the tables and the output, stays specialised so those rows
+# load and store in 16-byte vectors.
+_BATCH_ARGS = ("Pixels", "TokImage", "TokScale", "TokRow", "TokCol", "num_tokens", "num_images", "num_scales")
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_BATCH_ARGS, "PosIndex", "ResIndex", "pos_rows", "res_rows"])
 def _embed_kernel(
     Out, Weight, Bias, PosTable, PosIndex, ResTable, ResIndex,
     Pixels, Geometry, TokImage, TokScale, TokRow, TokCol,
@@ -200,7 +208,7 @@ def _embed_kernel(
     tl.store(Out + out_rows + n[None, :], to_dtype_rtne(acc, Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _gather_kernel(
     Patches, Pixels, Geometry, TokImage, TokScale, TokRow, TokCol, num_tokens, num_images, num_scales,
     K: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,

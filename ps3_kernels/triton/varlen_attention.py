@@ -125,6 +125,15 @@ def _prefix_row(PrefixIndex, seq, num_prefixes):
     return tl.minimum(tl.maximum(tl.load(PrefixIndex + seq).to(tl.int64), 0), num_prefixes - 1)
 
 
+# Launch integers that vary with the batch (token counts, prefix rows, strides) are not
+# specialised: Triton would otherwise compile a new binary whenever one of them is 1 or changes
+# divisibility by 16. Alignment comes from the literal 8 in ``_tile_base``/``_load_tiles``, so
+# one binary per dtype, head dim, prefix flag and block shape serves every batch.
+_STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+            "stride_pkn", "stride_pkh", "stride_pkp", "stride_pvn", "stride_pvh", "stride_pvp")
+_SEQ_INTS = ("total", "num_heads", "prefix_len")
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -150,7 +159,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k, stride_v,
     return acc0, acc1, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_STRIDES, *_SEQ_INTS, "num_prefixes"])
 def _fwd_kernel(
     Q, K, V, PK, PV, Out, Lse, CuSeqlens, PrefixIndex, BlockSeq, BlockStart,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -212,7 +221,7 @@ def _bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride
     return dq0, dq1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_STRIDES, *_SEQ_INTS, "num_prefixes"])
 def _bwd_dq_kernel(
     Q, K, V, PK, PV, Out, dOut, dQ, Lse, Delta, CuSeqlens, PrefixIndex, BlockSeq, BlockStart,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -279,7 +288,7 @@ def _bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, dOut, Lse, Delta, CuS
     return dk0, dk1, dv0, dv1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_STRIDES, *_SEQ_INTS, "num_prefix_programs", "own_blocks_per_head"])
 def _bwd_dkdv_kernel(
     Q, K, V, PK, PV, dOut, dK, dV, dPK, dPV, Lse, Delta, CuSeqlens, BlockSeq, BlockStart, RowStart, SeqByRow,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,

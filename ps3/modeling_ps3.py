@@ -9,7 +9,6 @@ their image's low-res KV cache; upstream loops over looks, concatenating the cac
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
@@ -120,7 +119,8 @@ class PS3VisionEncoder(nn.Module):
         """Dense ViT pass over whole images ``(B, 3, H, W)`` (H, W multiples of the patch).
 
         Returns the hidden states ``(B, h*w, C)`` of the last ``keep_layers`` layers (all by
-        default) and, if asked, the per-layer K/V cache ``(B, heads, h*w, head_dim)``. This is
+        default) and, if asked, the per-layer K/V cache ``(B, heads, h*w, head_dim)`` (views of
+        the trunk's token-major K/V: no copy, which the attention ops read as they are). This is
         PS3's low-res pass and what the dense baselines (AnyRes, S2, slicing) run on their
         crops; see :meth:`pos_embed_for_grid` for ``exact_pos_embed``.
         """
@@ -134,7 +134,7 @@ class PS3VisionEncoder(nn.Module):
         cache = None
         if return_kv:
             heads, hd = self.spec.num_heads, self.spec.head_dim
-            cache = [tuple(t.view(B, h * w, heads, hd).transpose(1, 2).contiguous() for t in kv) for kv in out.kv_cache]
+            cache = [tuple(t.view(B, h * w, heads, hd).transpose(1, 2) for t in kv) for kv in out.kv_cache]
         return hidden, cache
 
     def _encode_looks(self, images, layout: LookLayout, cache, keep: int) -> TrunkOutput:
@@ -143,20 +143,16 @@ class PS3VisionEncoder(nn.Module):
         image's low-res K/V ``cache``. ``images``: the (B, 3, H, W) batch (read in place) or a list."""
         side = [[max(g) for g in gb] for gb in layout.grids]  # each grid is cropped from a square table
         sides = sorted({s for row in side for s in row})
-        offset = dict(zip(sides, itertools.accumulate((s * s for s in sides), initial=0)))
-        pos_table = torch.cat([self._pos_table((s, s)) for s in sides])
-        pos_index = layout.grid_index(side, [[offset[s] for s in row] for row in side])
-        res_table = res_index = None
+        pos = layout.grid_rows([self._pos_table((s, s)) for s in sides], [[sides.index(s) for s in row] for row in side], side)
         if self.config.separate_pos_emb:
             full = [s // self.patch_size for s in self.ps3_scales[1:]]
-            res_off = list(itertools.accumulate((f * f for f in full), initial=0))[:-1]
-            res_table = torch.cat([r[0] for r in self.pos_emb_residual])
-            res_index = layout.grid_index([full] * len(side), [res_off] * len(side))
+            pos = pos + layout.grid_rows([r[0] for r in self.pos_emb_residual], [list(range(len(full)))] * len(side),
+                                         [full] * len(side))
         hw = [images.shape[-2:]] * len(side) if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj
-        tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos_table, pos_index,
-                                    res_table, res_index)
+        tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos,
+                                    torch.arange(len(pos), device=pos.device))
         seqs = PackedSequences.from_lengths(layout.lengths, tokens.device, prefix_index=layout.seq_image)
         return self.trunk(tokens, seqs, prefix=cache, keep_layers=keep)
 
@@ -168,7 +164,8 @@ class PS3VisionEncoder(nn.Module):
 
     def _selection_probs(self, images, low_hidden, grids, args: LookArgs, smooth: bool) -> SelectionProbs:
         """Cosine of the projected low-res features (averaged with the 1512 px ConvNet view's)
-        with the prior and with the prompt, as probabilities on every high-res grid."""
+        with the prior and with the prompt, as probabilities on every high-res grid. ``images``:
+        the (B, 3, H, W) batch or the list of images."""
         g = self.ps3_scales[0] // self.patch_size
         feats = torch.cat([low_hidden[i] for i in self.config.select_based_on_layer], dim=-1)
         feats = self.selection_feature_proj(feats)[..., : self.width]  # every scale uses the first map
@@ -213,9 +210,10 @@ class PS3VisionEncoder(nn.Module):
         no_look = output_hidden_states and (num_look_close == 0 or num_token_look_close == 0)
 
         # 1. Low-res pass: every image at the first scale; each layer's K/V is kept for the looks.
-        low_hidden, cache = self.encode_dense(resize_all(images, (self.ps3_scales[0],) * 2), return_kv=not no_look)
+        pixels = x if batched else images  # a batch is resized as one tensor, never restacked
+        low_hidden, cache = self.encode_dense(resize_all(pixels, (self.ps3_scales[0],) * 2), return_kv=not no_look)
         # 2. Selection scoring: each patch's probability at every high-res scale.
-        probs = self._selection_probs(images, low_hidden, grids, args, smooth_selection_prob)
+        probs = self._selection_probs(pixels, low_hidden, grids, args, smooth_selection_prob)
         if no_look:
             return assemble(batched, [h if batched else list(h.split(1)) for h in low_hidden], None, None, probs)
 

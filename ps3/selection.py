@@ -105,12 +105,19 @@ class LookLayout:
         tokens = PatchTokens(image=image, scale=scale, row=raster // width, col=raster % width)
         return cls(look_maps, tokens, image * stride + rem, lengths, seq_image, grids, scale_off, stride)
 
-    def grid_index(self, sides: list[list[int]], offsets: list[list[int]]) -> torch.Tensor:
-        """Each token's row in tables of row-major grids, ``sides`` wide and starting at
-        ``offsets``, both given per ``[image][scale]``."""
+    def grid_rows(self, tables: list[torch.Tensor], which: list[list[int]], widths: list[list[int]]) -> torch.Tensor:
+        """Each token's row of ``tables[which[image][scale]]``, a row-major grid ``widths[image][scale]``
+        wide: ``(T, C)``. Reads the tables in place (no concatenated copy: PS3-4K's are ~400 MB), so
+        their gradients are just their own."""
         at = (self.tokens.image, self.tokens.scale)
         device = self.key.device
-        return device_table(offsets, device)[at] + self.tokens.row * device_table(sides, device)[at] + self.tokens.col
+        index = self.tokens.row * device_table(widths, device)[at] + self.tokens.col
+        table_of = device_table(which, device)[at] if len(tables) > 1 else None
+        rows = None
+        for t, table in enumerate(tables):
+            got = table.index_select(0, index.clamp(max=len(table) - 1))
+            rows = got if rows is None else torch.where((table_of == t)[:, None], got, rows)
+        return rows
 
     def per_image(self, maps: list[torch.Tensor]) -> PerScale:
         """Padded ``(B, n_max)`` maps per scale as ``[scale][image]`` ``(h, w)`` views."""

@@ -99,7 +99,7 @@ class PatchEmbed(nn.Module):
 @dataclass
 class TrunkOutput:
     hidden_states: list[torch.Tensor]  # one (total, C) tensor per kept layer
-    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (k, v), (total, H, D)
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (k, v), (total, H, D) contiguous
 
 
 class VisionTrunk(nn.Module):
@@ -160,6 +160,6 @@ class VisionTrunk(nn.Module):
                 x, kv = blk(x, seqs, layer_prefix)
             if i >= keep_from:
                 hidden.append(x)
-            if return_kv:
-                kv_cache.append(kv)
+            if return_kv:  # k and v are views of this layer's qkv output: keep them, not q with them
+                kv_cache.append(tuple(t.contiguous() for t in kv))
         return TrunkOutput(hidden, kv_cache if return_kv else None)

@@ -88,7 +88,7 @@ class Preset:
     description: str
     cases: tuple[Case, ...]
     device: str
-    steps: int  # steps per side; the first creates the optimizer state, the later ones are reported
+    steps: int  # timed steps per side (the first creates the optimizer state, the later ones are reported), then one tracked
 
 
 def _cases(model: str, resolution: int, batches, autocast, text_layers) -> tuple[Case, ...]:
@@ -149,7 +149,7 @@ def estimate_seconds(case: Case, device: str, steps: int) -> float:
     per_token = 2 * 12.5 * width * width * depth  # qkv, proj and MLP (ratio ~3.7) per layer
     tokens = (vision["ps3_scales"][0] // 14) ** 2 + vision["max_select_num"]
     text_flops = 2 * 12.5 * text["width"] ** 2 * text["layers"] * text["context_length"]
-    flops = 4 * case.batch * (tokens * per_token + text_flops) * steps * 2
+    flops = 4 * case.batch * (tokens * per_token + text_flops) * (steps + 1) * 2
     rate = 150e12 if device == "cuda" else 60e9
     params = 12.5 * width * width * (depth + text["layers"])
     setup = 2 * (params * 16 / (20e9 if device == "cuda" else 1e9))  # init, save, load per side
@@ -161,12 +161,13 @@ def _side_row(side: str, case: Case, device: str, record: dict | None, status: s
                text_layers=case.text_layers, trunk_depth=case.trunk_depth or "so400m", device=device, status=status,
                error=error)
     if record is not None:
-        measured = slice(1, None) if len(record["step_ms"]) > 1 else slice(None)
-        row.update(step_ms=sorted(record["step_ms"][measured])[len(record["step_ms"][measured]) // 2],
-                   peak_live_bytes=max(record["peak_live_bytes"][measured]),
-                   start_live_bytes=record["start_live_bytes"][-1], record=record)
+        timed = record["step_ms"][1:] or record["step_ms"]  # the first step also creates the optimizer state
+        phases = record["phase_peak_bytes"]
+        row.update(step_ms=sorted(timed)[len(timed) // 2], peak_live_bytes=record["peak_live_bytes"],
+                   fwd_bwd_peak_live_bytes=max(phases["forward"], phases["backward"]),
+                   start_live_bytes=record["start_live_bytes"], record=record)
         if record["cuda_max_allocated_bytes"]:
-            row["cuda_max_allocated_bytes"] = max(record["cuda_max_allocated_bytes"][measured])
+            row["cuda_max_allocated_bytes"] = max(record["cuda_max_allocated_bytes"][1:] or record["cuda_max_allocated_bytes"])
     return row
 
 
@@ -198,10 +199,12 @@ def _run_upstream(python: str, request: dict, work: Path) -> dict:
 def run_case(case: Case, device: str = "cpu", steps: int = 2, upstream_python: str | None = None, seed: int = 0,
              backend: str = "auto", where: bool = False, rtol: float = 1e-4) -> list[dict]:
     """Rows of one case: this package's (``side`` ``ps3-kernels``) and, with ``upstream_python``,
-    upstream's, each with ``step_ms`` (median of the steps after the first), ``peak_live_bytes``
-    (largest of those steps), ``start_live_bytes`` (parameters, gradients, optimizer state, inputs)
-    and the full per-step ``record``. Upstream's row has ``loss_max_rel_diff``; in fp32 a loss
-    mismatch beyond ``rtol`` marks both rows ``loss_mismatch`` (their numbers stay, for diagnosis)."""
+    upstream's, each with ``step_ms`` (median of the timed steps after the first), ``peak_live_bytes``
+    and ``fwd_bwd_peak_live_bytes`` (of the tracked step: all of it, and its forward and backward),
+    ``start_live_bytes`` (parameters, gradients, optimizer state, inputs), on CUDA
+    ``cuda_max_allocated_bytes``, and the full ``record`` (per step and per phase). Upstream's row has
+    ``loss_max_rel_diff``; in fp32 a loss mismatch beyond ``rtol`` marks both rows ``loss_mismatch``
+    (their numbers stay, for diagnosis)."""
     vision, text = configs(case.model, case.text_layers, case.trunk_depth)
     autocast = getattr(torch, case.autocast) if case.autocast else None
     rows = []
@@ -259,24 +262,24 @@ def implied_max_batch(rows: list[dict], budget: int = MEMORY_BUDGET) -> dict[tup
 
 
 def markdown(rows: list[dict]) -> str:
-    """Ours against upstream per case: step time, peak live bytes, their ratios, implied batch per 80 GiB."""
+    """Ours against upstream per case: step time, peak live bytes of the step and of its forward +
+    backward, their ratios (ours / upstream), and the implied largest batch per 80 GiB."""
     implied = implied_max_batch(rows)
     by = {(r["side"], r["model"], r["resolution"], r["batch"], r["dtype"]): r for r in rows}
-    lines = ["| model | px | batch | dtype | step ms (ours / upstream) | ratio | peak live GiB (ours / upstream) | ratio "
-             "| implied batch per 80 GiB (ours / upstream) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    columns = (("step ms", "step_ms", 1, "{:.0f}"), ("step peak GiB", "peak_live_bytes", GIB, "{:.3f}"),
+               ("fwd+bwd peak GiB", "fwd_bwd_peak_live_bytes", GIB, "{:.3f}"))
+    head = "| model | px | batch | dtype | " + " | ".join(f"{c[0]} (ours / upstream) | ratio" for c in columns)
+    lines = [head + " | implied batch per 80 GiB (ours / upstream) |", "|---|---:|---:|---|" + "---:|---:|" * len(columns) + "---:|"]
     for key in sorted({k[1:] for k in by}, key=lambda k: (k[0], k[1], k[3], k[2])):
         ours, theirs = by.get((SIDES[0], *key)), by.get((SIDES[1], *key))
-
-        def cell(field, scale=1.0, fmt="{:.0f}"):
+        cells = []
+        for _, field, scale, fmt in columns:
             vals = [fmt.format(r[field] / scale) if r and r.get(field) is not None else (r or {}).get("status", "-")
                     for r in (ours, theirs)]
             ok = all(r and r.get(field) for r in (ours, theirs))
-            return " / ".join(vals), (f"{ours[field] / theirs[field]:.2f}" if ok else "-")
-
-        time_cell, time_ratio = cell("step_ms")
-        mem_cell, mem_ratio = cell("peak_live_bytes", GIB, "{:.2f}")
+            cells += [" / ".join(vals), f"{ours[field] / theirs[field]:.3f}" if ok else "-"]
         fit = " / ".join(str(implied.get((s, key[0], key[1], key[3]), "-")) for s in SIDES)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {time_cell} | {time_ratio} | {mem_cell} | {mem_ratio} | {fit} |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {fit} |")
     return "\n".join(lines)
 
 

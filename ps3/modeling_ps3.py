@@ -143,11 +143,12 @@ class PS3VisionEncoder(nn.Module):
         image's low-res K/V ``cache``. ``images``: the (B, 3, H, W) batch (read in place) or a list."""
         side = [[max(g) for g in gb] for gb in layout.grids]  # each grid is cropped from a square table
         sides = sorted({s for row in side for s in row})
-        pos = layout.grid_rows([self._pos_table((s, s)) for s in sides], [[sides.index(s) for s in row] for row in side], side)
+        tables = (self._pos_table((s, s)) for s in sides)  # made one at a time
+        pos = layout.grid_rows(tables, [[sides.index(s) for s in row] for row in side], side)
         if self.config.separate_pos_emb:
             full = [s // self.patch_size for s in self.ps3_scales[1:]]
-            pos = pos + layout.grid_rows([r[0] for r in self.pos_emb_residual], [list(range(len(full)))] * len(side),
-                                         [full] * len(side))
+            residuals = [r.view(r.shape[1:]) for r in self.pos_emb_residual]  # a view: its gradient is not copied
+            pos = pos + layout.grid_rows(residuals, [list(range(len(full)))] * len(side), [full] * len(side))
         hw = [images.shape[-2:]] * len(side) if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj

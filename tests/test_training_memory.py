@@ -4,6 +4,8 @@ table is built during backward)."""
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -57,7 +59,7 @@ def test_forward_copies_no_resized_batch():
     view_bytes = 2 * 3 * 1512 * 1512 * 4
     for pixels in (images, list(images.unbind(0))):
         with OpLog() as log:
-            model(pixels, num_look_close=1, output_hidden_states=False)
+            model.vision_model(pixels)  # the pre-training call: one look, pooled
         copies = [(op, size) for op, size in log.ops if op in ("cat", "stack") and size >= view_bytes // 2]
         assert not copies, copies
         assert any(op == "upsample_bicubic2d" and size == view_bytes for op, size in log.ops)
@@ -66,8 +68,20 @@ def test_forward_copies_no_resized_batch():
 def test_checkpointed_triton_backward_builds_no_host_tables(monkeypatch):
     """With gradient checkpointing the blocks run again in backward; on the Triton path they reuse the
     forward's layout tables and attention schedules: no ``torch.tensor`` from host values (``lift_fresh``),
-    no new :func:`~ps3_kernels.layout.device_table` entry, and every gradient equals the run without
+    no new :func:`~ps3_kernels.layout.device_table` entry, each attention schedule (block map per
+    block size, prefix-row CSR) built once for all layers, and every gradient equals the run without
     checkpointing."""
+    import ps3_kernels.triton.varlen_attention as attention
+
+    builds: list[tuple] = []
+    kept = attention._kept
+
+    def counting(table, key, build):
+        return kept(table, key, lambda: builds.append((id(table), key)) or build())
+
+    monkeypatch.setattr(attention, "_kept", counting)
+    monkeypatch.setattr(attention, "_SCHEDULES", {})  # nothing kept from other tests: backward builds its own
+    monkeypatch.setattr(ps3_kernels.layout, "_TABLES", collections.OrderedDict())
     model = randomize_parameters_(PS3VisionModel(tiny_vision_config(depth=2, select_based_on_layer=[0, 1])),
                                   seed=2).to(DEVICE).train()
     images = torch.randn(2, 3, 224, 196, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -80,16 +94,19 @@ def test_checkpointed_triton_backward_builds_no_host_tables(monkeypatch):
             out = model(images, num_look_close=2)
             loss = out.last_hidden_state.square().sum() + sum(p.sum() for p in out.selection_probs)
             tables = set(map(id, ps3_kernels.layout._TABLES.values()))
+            builds.clear()
             with OpLog() as log:
                 loss.backward()
         new_tables = set(map(id, ps3_kernels.layout._TABLES.values())) - tables
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, log.ops, new_tables
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, log.ops, new_tables, list(builds)
 
-    plain, _, _ = grads(False)
-    checked, ops, new_tables = grads(True)
+    checked, ops, new_tables, built = grads(True)
+    plain, _, _, _ = grads(False)
     names = [op for op, _ in ops]
     assert "varlen_prefix_attention" in names  # the blocks did run again in backward
     assert "lift_fresh" not in names and not new_tables
+    assert built and len(built) == len(set(built)), built  # backward's schedules: each built once, for both layers
     assert plain.keys() == checked.keys()
     for name, g in plain.items():
         torch.testing.assert_close(checked[name], g, rtol=1e-5, atol=1e-6, msg=name)

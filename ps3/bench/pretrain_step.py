@@ -142,47 +142,49 @@ def _sync(device: torch.device) -> None:
 
 def run_steps(model: PretrainModel, batch: dict[str, torch.Tensor], live_bytes: Callable[..., Any],
               steps: int = 2, autocast: torch.dtype | None = None, where: bool = False) -> dict[str, Any]:
-    """``steps`` training steps (the first also creates the optimizer state), each timed and its
-    peak live tensor bytes tracked with ``live_bytes`` (the harness's :class:`LiveBytes`): step
-    times (ms), peaks (of the step and of its forward, backward and optimizer phases), bytes
-    alive at each step's start (parameters, gradients, optimizer state, inputs), loss terms per
-    step, and on CUDA the allocator's own peak per step. ``where``: the last step's bytes at each
-    phase's peak by the op and line that made them."""
+    """``steps`` timed training steps (the first also creates the optimizer state), then one more with
+    its live tensor bytes tracked by ``live_bytes`` (the harness's :class:`LiveBytes`; tracked apart
+    because a dispatch mode adds Python work per op, and makes some backward formulas take their
+    out-of-place form, so the tracked step's bytes can only overstate). Returns step times (ms), loss
+    terms per step (the tracked one last), the tracked step's peak, its phases' peaks (``zero_grad``,
+    ``forward``, ``backward``, ``optimizer``) and the bytes alive at its start (parameters,
+    gradients, optimizer state, inputs); on CUDA the allocator's peak of each timed step. ``where``:
+    the tracked step's bytes at each phase's peak by the op and lines that made them."""
     device = batch["images"].device
     model.train().set_grad_checkpointing(True)
     optimizer = make_optimizer(model)
-    record: dict[str, Any] = {"step_ms": [], "peak_live_bytes": [], "phase_peak_bytes": [], "start_live_bytes": [],
-                              "losses": [], "cuda_max_allocated_bytes": [], "peak_by_label": None}
+    record: dict[str, Any] = {"step_ms": [], "losses": [], "cuda_max_allocated_bytes": []}
     for _ in range(steps):
         gc.collect()
-        tracker = live_bytes(where=where)
-        tracker.track(list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None])
-        tracker.track([list(s.values()) for s in optimizer.state.values()]).track(list(batch.values()))
-        record["start_live_bytes"].append(tracker.current)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
-        phases: dict[str, int] = {}
-        labels: dict[str, list] = {}
-
-        def mark(phase: str) -> None:
-            phases[phase] = tracker.peak
-            if where:
-                labels[phase] = tracker.at_peak(40)
-            tracker.reset_peak()
-
         start = time.perf_counter()
-        with tracker:
-            losses = train_step(model, optimizer, batch, autocast, mark)
+        losses = train_step(model, optimizer, batch, autocast)
         _sync(device)
         record["step_ms"].append((time.perf_counter() - start) * 1e3)
-        record["peak_live_bytes"].append(max(phases.values()))
-        record["phase_peak_bytes"].append(phases)
         record["losses"].append({k: float(v) for k, v in losses.items()})
         if device.type == "cuda":
             record["cuda_max_allocated_bytes"].append(torch.cuda.max_memory_allocated(device))
+
+    gc.collect()
+    tracker = live_bytes(where=where)
+    tracker.track(list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None])
+    tracker.track([list(s.values()) for s in optimizer.state.values()]).track(list(batch.values()))
+    record["start_live_bytes"] = tracker.current
+    phases: dict[str, int] = {}
+    labels: dict[str, list] = {}
+
+    def mark(phase: str) -> None:
+        phases[phase] = tracker.peak
         if where:
-            record["peak_by_label"] = labels
-    del optimizer
+            labels[phase] = tracker.at_peak(40)
+        tracker.reset_peak()
+
+    with tracker:
+        losses = train_step(model, optimizer, batch, autocast, mark)
+    record["losses"].append({k: float(v) for k, v in losses.items()})
+    record.update(peak_live_bytes=max(phases.values()), phase_peak_bytes=phases, peak_by_label=labels or None)
+    del optimizer, tracker
     gc.collect()
     return record

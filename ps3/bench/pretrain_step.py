@@ -146,23 +146,24 @@ def run_steps(model: PretrainModel, batch: dict[str, torch.Tensor], live_bytes: 
     its live tensor bytes tracked by ``live_bytes`` (the harness's :class:`LiveBytes`; tracked apart
     because a dispatch mode adds Python work per op, and makes some backward formulas take their
     out-of-place form, so the tracked step's bytes can only overstate). Returns step times (ms), loss
-    terms per step (the tracked one last), the tracked step's peak, its phases' peaks (``zero_grad``,
+    terms per step (the tracked one last), the process's CPU time per timed step (ms, all threads), the tracked step's peak, its phases' peaks (``zero_grad``,
     ``forward``, ``backward``, ``optimizer``) and the bytes alive at its start (parameters,
     gradients, optimizer state, inputs); on CUDA the allocator's peak of each timed step. ``where``:
     the tracked step's bytes at each phase's peak by the op and lines that made them."""
     device = batch["images"].device
     model.train().set_grad_checkpointing(True)
     optimizer = make_optimizer(model)
-    record: dict[str, Any] = {"step_ms": [], "losses": [], "cuda_max_allocated_bytes": []}
+    record: dict[str, Any] = {"step_ms": [], "cpu_ms": [], "losses": [], "cuda_max_allocated_bytes": []}
     for _ in range(steps):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses = train_step(model, optimizer, batch, autocast)
         _sync(device)
         record["step_ms"].append((time.perf_counter() - start) * 1e3)
+        record["cpu_ms"].append((time.process_time() - cpu_start) * 1e3)  # all threads: steadier on a shared CPU
         record["losses"].append({k: float(v) for k, v in losses.items()})
         if device.type == "cuda":
             record["cuda_max_allocated_bytes"].append(torch.cuda.max_memory_allocated(device))

@@ -39,7 +39,7 @@ import torch
 
 from ps3 import PS3TextConfig, PS3VisionConfig
 from ps3.bench import UPSTREAM_WORKER
-from ps3.bench.harness import LiveBytes, environment, error_text, is_oom
+from ps3.bench.harness import LiveBytes, environment, error_text, is_oom, malloc_trim
 from ps3.bench.pretrain_step import LOSS_TERMS, PretrainModel, make_batch, run_steps
 from ps3.demo import randomize_parameters_
 from ps3.modeling_ps3 import PS3VisionEncoder
@@ -228,6 +228,7 @@ def run_case(case: Case, device: str = "cpu", steps: int = 2, upstream_python: s
         rows[0]["backend"] = backend
         del model
         gc.collect()
+        malloc_trim()  # upstream's process needs the memory this side freed
         if device == "cuda":
             torch.cuda.empty_cache()
         if upstream_python:

@@ -89,9 +89,12 @@ def test_tiny_case_runs_both_sides_and_agrees(tmp_path):
     for row in rows:
         assert row["status"] == "ok", row["error"]
         record = row["record"]
-        assert len(record["losses"]) == 2 and all(set(s) == set(bench_train.LOSS_TERMS) for s in record["losses"])
+        # two timed steps, then the tracked one
+        assert len(record["losses"]) == 3 and all(set(s) == set(bench_train.LOSS_TERMS) for s in record["losses"])
         assert record["losses"][1] != record["losses"][0]  # the optimizer stepped
-        assert row["peak_live_bytes"] > row["start_live_bytes"] > 0 and row["step_ms"] > 0
+        assert set(record["phase_peak_bytes"]) == {"zero_grad", "forward", "backward", "optimizer"}
+        assert row["peak_live_bytes"] >= row["fwd_bwd_peak_live_bytes"] > row["start_live_bytes"] > 0
+        assert row["step_ms"] > 0 and row["step_cpu_ms"] > 0
         # the step's start holds the parameters, their gradients and AdamW's two moments (and the inputs)
         params = sum(p.numel() * 4 for p in bench_train.build_model(*bench_train.configs("tiny", 1)).parameters())
         assert 4 * params <= row["start_live_bytes"] <= 4 * params + 2**22

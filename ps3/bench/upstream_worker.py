@@ -38,15 +38,15 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
-
-def _load_by_path(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name.removeprefix('ps3_bench_')}.py")
+def _load_by_path(filename: str):
+    """A file of this folder as a module (never through ``ps3``, which is upstream's here)."""
+    spec = importlib.util.spec_from_file_location(f"ps3_bench_{Path(filename).stem}", HERE / filename)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-harness = _load_by_path("ps3_bench_harness")
+harness = _load_by_path("harness.py")
 
 
 def import_upstream():
@@ -141,7 +141,7 @@ def pretrain(request: dict, ps3) -> dict:
     """Pre-training steps of upstream's towers on the request's weights and batch."""
     from ps3.modeling_ps3_text import TextTransformer
 
-    step = _load_by_path("ps3_bench_pretrain_step")
+    step = _load_by_path("pretrain_step.py")
     device = torch.device(request["device"])
     torch.manual_seed(request["seed"])
     config = dict(request["vision_config"])

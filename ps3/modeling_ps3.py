@@ -152,8 +152,10 @@ class PS3VisionEncoder(nn.Module):
         hw = [images.shape[-2:]] * len(side) if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj
-        tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos,
-                                    torch.arange(len(pos), device=pos.device))
+        tokens = pos  # (0, C) when no look took a token
+        if sum(layout.lengths):
+            tokens = sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos,
+                                        torch.arange(len(pos), device=pos.device))
         seqs = PackedSequences.from_lengths(layout.lengths, tokens.device, prefix_index=layout.seq_image)
         return self.trunk(tokens, seqs, prefix=cache, keep_layers=keep)
 

@@ -9,7 +9,6 @@ their image's low-res KV cache; upstream loops over looks, concatenating the cac
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
@@ -29,7 +28,7 @@ from .selection import LookLayout, SelectionProbs, per_scale
 from .selection_plan import default_quotas, look_quotas, plan_batch
 from .text_transformer import TextTransformer
 from .steps import (carried_quotas, check_disjoint, check_kv_cache, check_maps, check_steps, look_from_maps, merge_order,
-                    selected, stack_kv)
+                    selected, cache_views)
 from .validation import (LookArgs, check_first_n, check_flag, check_gt_maps, check_images, check_look_args,
                          check_num_select_token, check_prompt, values_checkable)
 from .vit import Mlp, PackedSequences, TrunkOutput, VisionTrunk
@@ -146,8 +145,10 @@ class PS3VisionEncoder(nn.Module):
         """Dense ViT pass over whole images ``(B, 3, H, W)`` (H, W multiples of the patch).
 
         Returns the hidden states ``(B, h*w, C)`` of the last ``keep_layers`` layers (all by
-        default) and, if asked, the K/V cache in upstream's layout, ``(layers, 2, B, heads, h*w,
-        head_dim)`` (``cache[i]`` is layer ``i``'s ``(k, v)``, the prefix the trunk takes). This is
+        default) and, if asked, the K/V cache: per layer ``(2, B, heads, h*w, head_dim)``, views
+        of the trunk's packed K/V (no copy; the attention ops read them as they are). ``cache[i]``
+        is layer ``i``'s ``(k, v)``, the prefix the trunk takes; ``torch.stack(cache)`` is upstream's
+        ``(layers, 2, B, heads, h*w, head_dim)`` layout. This is
         PS3's low-res pass and what the dense baselines (AnyRes, S2, slicing) run on their
         crops; see :meth:`pos_embed_for_grid` for ``exact_pos_embed``.
         """
@@ -158,22 +159,21 @@ class PS3VisionEncoder(nn.Module):
         seqs = PackedSequences.from_lengths([h * w] * B, pixel_values.device)
         out = self.trunk((tokens + pos).flatten(0, 1), seqs, keep_layers=keep_layers, return_kv=return_kv)
         hidden = [t.view(B, h * w, -1) for t in out.hidden_states]
-        return hidden, stack_kv(out.kv_cache, B, h * w) if return_kv else None
+        return hidden, cache_views(out.kv_cache, B, h * w) if return_kv else None
 
-    def _look_pos_rows(self, layout: LookLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """One table with every look grid's position rows, and each token's row in it. Each grid
-        is the top-left corner of a square table: one resampled table per distinct side, or for
-        a C-RADIO trunk the native table itself, indexed in place (nothing is copied)."""
+    def _look_pos_rows(self, layout: LookLayout) -> torch.Tensor:
+        """Each token's position embedding row, ``(tokens, C)``. Each look grid is the top-left
+        corner of a square table: one resampled table per distinct side, made one at a time, or
+        for a C-RADIO trunk the native table itself, read in place (no table is concatenated)."""
         side = [[max(g) for g in gb] for gb in layout.grids]
         sides = sorted({s for row in side for s in row})
         if self.spec.cropped_pos_embed:
             for s in sides:
                 self._check_pos_grid((s, s))
             native = [[self.trunk.grid_size] * len(row) for row in side]
-            return self.trunk.pos_embed[0], layout.grid_index(native, [[0] * len(row) for row in side])
-        offset = dict(zip(sides, itertools.accumulate((s * s for s in sides), initial=0)))
-        pos_table = torch.cat([self._pos_table((s, s)) for s in sides])
-        return pos_table, layout.grid_index(side, [[offset[s] for s in row] for row in side])
+            return layout.grid_rows([self.trunk.pos_embed[0]], [[0] * len(row) for row in side], native)
+        tables = (self._pos_table((s, s)) for s in sides)  # made one at a time
+        return layout.grid_rows(tables, [[sides.index(s) for s in row] for row in side], side)
 
     def _encode_looks(self, images, layout: LookLayout, cache, keep: int, return_kv: bool = False) -> TrunkOutput:
         """The selected patches embedded (:meth:`_embed_looks`) and run through the trunk as one
@@ -184,21 +184,21 @@ class PS3VisionEncoder(nn.Module):
         return self.trunk(tokens, seqs, prefix=cache, keep_layers=keep, return_kv=return_kv)
 
     def _embed_looks(self, images, layout: LookLayout) -> torch.Tensor:
-        """The selected patches of ``layout`` embedded, ``(tokens, C)``: sparse patch embed with the
-        position tables gathered per token. ``images``: the (B, 3, H, W) batch (read in place) or a list."""
-        pos_table, pos_index = self._look_pos_rows(layout)
+        """The selected patches of ``layout`` embedded, ``(tokens, C)``: sparse patch embed plus each
+        token's position rows. ``images``: the (B, 3, H, W) batch (read in place) or a list."""
+        pos = self._look_pos_rows(layout)
         num_images = len(layout.grids)
-        res_table = res_index = None
         if self.config.separate_pos_emb:
             full = [s // self.patch_size for s in self.ps3_scales[1:]]
-            res_off = list(itertools.accumulate((f * f for f in full), initial=0))[:-1]
-            res_table = torch.cat([r[0] for r in self.pos_emb_residual])
-            res_index = layout.grid_index([full] * num_images, [res_off] * num_images)
+            residuals = [r.view(r.shape[1:]) for r in self.pos_emb_residual]  # a view: its gradient is not copied
+            pos = pos + layout.grid_rows(residuals, [list(range(len(full)))] * num_images, [full] * num_images)
+        if not sum(layout.lengths):
+            return pos  # (0, C): no look took a token
         hw = [images.shape[-2:]] * num_images if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj
-        return sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos_table, pos_index,
-                                  res_table, res_index)
+        return sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos,
+                                  torch.arange(len(pos), device=pos.device))
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk's MAP head over ``(B, N, width)`` tokens after its final norm (and a C-RADIO
@@ -209,7 +209,8 @@ class PS3VisionEncoder(nn.Module):
 
     def _selection_probs(self, images, low_hidden, grids, args: LookArgs, smooth: bool) -> SelectionProbs:
         """Cosine of the projected low-res features (averaged with the 1512 px ConvNet view's)
-        with the prior and with the prompt, as probabilities on every high-res grid."""
+        with the prior and with the prompt, as probabilities on every high-res grid. ``images``:
+        the (B, 3, H, W) batch or the list of images."""
         g = self.ps3_scales[0] // self.patch_size
         feats = torch.cat([low_hidden[i] for i in self.config.select_based_on_layer], dim=-1).view(len(images), g, g, -1)
         highres = None
@@ -295,7 +296,7 @@ class PS3VisionEncoder(nn.Module):
         hidden, cache = self.encode_dense(resize_all(images, (self.ps3_scales[0],) * 2), return_kv=return_kv_cache,
                                           keep_layers=None if output_hidden_states else 1)
         return {"x": self.pool(hidden[-1]), "hidden_states": hidden if output_hidden_states else None,
-                "output_kv_cache": cache}
+                "output_kv_cache": torch.stack(cache) if return_kv_cache else None}
 
     def get_selection_probs(self, input: torch.Tensor, feature_map: torch.Tensor, highres_feature_map=None, prompt=None,
                             gt_selection_maps=None, smooth_selection_prob: bool = False):
@@ -426,7 +427,7 @@ class PS3VisionEncoder(nn.Module):
             pooled = self.pool(hidden[-1])
         cache = None
         if return_kv_cache:
-            cache = stack_kv(out.kv_cache, B, n)
+            cache = torch.stack(cache_views(out.kv_cache, B, n))
             cache = cache if kv_cache is None else torch.cat([kv_cache, cache], dim=-2)
         return {"x": pooled, "hidden_states": hidden if output_hidden_states else None, "output_kv_cache": cache}
 
@@ -449,9 +450,10 @@ class PS3VisionEncoder(nn.Module):
         no_look = output_hidden_states and (num_look_close == 0 or num_token_look_close == 0)
 
         # 1. Low-res pass: every image at the first scale; each layer's K/V is kept for the looks.
-        low_hidden, cache = self.encode_dense(resize_all(images, (self.ps3_scales[0],) * 2), return_kv=not no_look)
+        pixels = x if batched else images  # a batch is resized as one tensor, never restacked
+        low_hidden, cache = self.encode_dense(resize_all(pixels, (self.ps3_scales[0],) * 2), return_kv=not no_look)
         # 2. Selection scoring: each patch's probability at every high-res scale.
-        probs = self._selection_probs(images, low_hidden, grids, args, smooth_selection_prob)
+        probs = self._selection_probs(pixels, low_hidden, grids, args, smooth_selection_prob)
         if no_look:
             return assemble(batched, [h if batched else list(h.split(1)) for h in low_hidden], None, None, probs)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -112,12 +113,21 @@ class LookLayout:
         tokens = PatchTokens(image=image, scale=scale, row=raster // width, col=raster % width)
         return cls(look_maps, tokens, image * stride + rem, lengths, seq_image, grids, scale_off, stride)
 
-    def grid_index(self, sides: list[list[int]], offsets: list[list[int]]) -> torch.Tensor:
-        """Each token's row in tables of row-major grids, ``sides`` wide and starting at
-        ``offsets``, both given per ``[image][scale]``."""
+    def grid_rows(self, tables: Iterable[torch.Tensor], which: list[list[int]], widths: list[list[int]]) -> torch.Tensor:
+        """Each token's row of ``tables[which[image][scale]]``, a row-major ``(rows, C)`` grid
+        ``widths[image][scale]`` wide: ``(T, C)``. The tables are read in place one at a time (an
+        iterator may make each on demand): no concatenated copy (PS3-4K's would be ~400 MB), and each
+        table's gradient is one table-sized buffer (an embedding lookup's backward)."""
         at = (self.tokens.image, self.tokens.scale)
         device = self.key.device
-        return device_table(offsets, device)[at] + self.tokens.row * device_table(sides, device)[at] + self.tokens.col
+        index = self.tokens.row * device_table(widths, device)[at] + self.tokens.col
+        table_of = device_table(which, device)[at]
+        rows = None
+        for t, table in enumerate(tables):
+            got = F.embedding(index.clamp(max=len(table) - 1), table)
+            rows = got if rows is None else torch.where((table_of == t)[:, None], got, rows)
+            del table, got  # before the next table is made
+        return rows
 
     def per_image(self, maps: list[torch.Tensor]) -> PerScale:
         """Padded ``(B, n_max)`` maps per scale as ``[scale][image]`` ``(h, w)`` views."""

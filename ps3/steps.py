@@ -18,12 +18,11 @@ from .geometry import Grid
 from .validation import values_checkable
 
 
-def stack_kv(kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int, n: int) -> torch.Tensor:
-    """The trunk's per-layer packed ``(k, v)``, ``(batch * n, heads, head_dim)`` each, as upstream's cache
-    ``(layers, 2, batch, heads, n, head_dim)`` in one copy."""
-    heads, hd = kv[0][0].shape[1:]
-    parts = [t.view(batch, n, heads, hd).transpose(1, 2) for pair in kv for t in pair]
-    return torch.stack(parts).view(len(kv), 2, batch, heads, n, hd)
+def cache_views(kv: list[torch.Tensor], batch: int, n: int) -> list[torch.Tensor]:
+    """The trunk's per-layer packed K/V, ``(2, batch * n, heads, head_dim)`` each, as per-layer
+    ``(2, batch, heads, n, head_dim)`` views (no copy); ``torch.stack`` of them is upstream's cache
+    ``(layers, 2, batch, heads, n, head_dim)``."""
+    return [t.view(2, batch, n, *t.shape[2:]).transpose(2, 3) for t in kv]
 
 
 def check_kv_cache(kv_cache, layers: int, batch: int, heads: int, head_dim: int, device: torch.device) -> None:

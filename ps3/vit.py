@@ -100,7 +100,7 @@ class PatchEmbed(nn.Module):
 @dataclass
 class TrunkOutput:
     hidden_states: list[torch.Tensor]  # one (total, C) tensor per kept layer
-    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (k, v), (total, H, D)
+    kv_cache: list[torch.Tensor] | None  # per layer (2, total, H, D): k and v, one contiguous copy
 
 
 class VisionTrunk(nn.Module):
@@ -185,6 +185,6 @@ class VisionTrunk(nn.Module):
                 x, kv = blk(x, seqs, layer_prefix)
             if i >= keep_from:
                 hidden.append(x)
-            if return_kv:
-                kv_cache.append(kv)
+            if return_kv:  # k and v are views of this layer's qkv output: keep them (one copy), not q with them
+                kv_cache.append(torch.stack(kv))
         return TrunkOutput(hidden, kv_cache if return_kv else None)

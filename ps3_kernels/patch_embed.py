@@ -217,8 +217,9 @@ def sparse_patch_embed_reference(
 ) -> torch.Tensor:
     """Pure-PyTorch reference: resize the images to each scale, gather the selected patches.
 
-    Images of one size going to one size are resized together (one call for a whole batch), into
-    one flat buffer; each token's pixels are read from it by index.
+    Images of one size going to one size are resized together (one call for a whole batch); each
+    token's pixels are read from its group's resize by index, one group at a time, so only one
+    resized group is alive at once (PS3-4K's 3780 px view is 171 MB an image).
     """
     batch = images if isinstance(images, torch.Tensor) else None
     images = _image_list(images)
@@ -232,28 +233,26 @@ def sparse_patch_embed_reference(
     for b, (image, sizes) in enumerate(zip(images, resized_sizes)):
         for s, size in enumerate(sizes):
             groups.setdefault((tuple(image.shape), tuple(size)), []).append((b, s))
-    pieces, offset = [], 0
-    geometry = [[[0, 1, 1]] * num_scales for _ in images]  # per image and scale: buffer offset, H', W'
-    for (_, (h, w)), members in groups.items():
+    geometry = [[[0, 1, 1, 0]] * num_scales for _ in images]  # per image and scale: offset in its group, H', W', group
+    for g, ((_, (h, w)), members) in enumerate(groups.items()):
         idx = sorted({b for b, _ in members})
-        if batch is not None and len(idx) == len(images):
-            stack = batch
-        else:
-            stack = torch.stack([images[b] for b in idx])
-        resized = F.interpolate(stack.float(), size=(h, w), mode="bicubic", align_corners=False).to(stack.dtype)
-        pieces.append(resized.flatten())
         for b, s in members:
-            geometry[b][s] = [offset + idx.index(b) * channels * h * w, h, w]
-        offset += resized.numel()
-    buffer = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    per_token = device_table(geometry, device)[tokens.image, tokens.scale]  # (T, 3)
+            geometry[b][s] = [idx.index(b) * channels * h * w, h, w, g]
+    per_token = device_table(geometry, device)[tokens.image, tokens.scale]  # (T, 4)
     base, H, W = (per_token[:, i].view(-1, 1, 1, 1) for i in range(3))
     c = torch.arange(channels, device=device).view(1, -1, 1, 1)
     i = torch.arange(p, device=device).view(1, 1, -1, 1)
     j = torch.arange(p, device=device).view(1, 1, 1, -1)
     rows, cols = tokens.row.view(-1, 1, 1, 1), tokens.col.view(-1, 1, 1, 1)
-    index = base + c * H * W + (rows * p + i) * W + cols * p + j  # (T, C, p, p), unfold's order
-    patches = buffer[index.flatten(1)]
+    index = (base + c * H * W + (rows * p + i) * W + cols * p + j).flatten(1)  # (T, C*p*p), unfold's order
+    patches = None
+    for g, ((_, (h, w)), members) in enumerate(groups.items()):
+        idx = sorted({b for b, _ in members})
+        stack = batch if batch is not None and len(idx) == len(images) else torch.stack([images[b] for b in idx])
+        resized = F.interpolate(stack.float(), size=(h, w), mode="bicubic", align_corners=False).to(stack.dtype).flatten()
+        got = resized[index.clamp(max=resized.numel() - 1)]  # tokens of other groups read a clamped index, then drop
+        patches = got if patches is None else torch.where(per_token[:, 3:4] == g, got, patches)
+        del stack, resized
     out = patches.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
     if bias is not None:
         out = out + bias

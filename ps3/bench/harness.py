@@ -9,6 +9,7 @@ PS3's worker (``upstream_worker.py``) can load this file in upstream's environme
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import json
 import os
@@ -19,11 +20,15 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding ``ps3``: the repository in a checkout
 
@@ -147,7 +152,9 @@ def _proc_status_kb(field: str) -> int:
     return int(match.group(1))
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
+    """Hand freed heap memory back to the system (glibc): freed tensors stay in the process's
+    resident set otherwise, which matters before another process needs the memory."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -171,7 +178,7 @@ def measure_peak_memory(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> t
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
     try:
-        _malloc_trim()
+        malloc_trim()
         Path("/proc/self/clear_refs").write_text("5")
         before = _proc_status_kb("VmRSS")
         fn(x)
@@ -182,6 +189,99 @@ def measure_peak_memory(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> t
         fn(x)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return (after - before) * unit / 2**20, "cpu_ru_maxrss_delta_lower_bound"
+
+
+# ----------------------------------------------------------------------------- live tensor bytes
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once, counted the same way on every device.
+
+    A storage counts from the first op that makes or reads it (every op's inputs and outputs,
+    forward and backward, recomputed checkpoint blocks and the optimizer's included) until it is
+    freed (a weakref finalizer on the storage), each storage once however many views share it;
+    tensors saved for backward count because they keep their storage alive. Storages given to
+    :meth:`track` (parameters, gradients, optimizer state, inputs) count from then on. This is
+    ``torch.cuda.max_memory_allocated`` over the same span without the allocator's rounding
+    (CUDA rounds blocks up to 512 bytes) and without memory a kernel allocates for itself
+    (workspaces, temporaries inside one op) or that no op on this thread touches, so a CPU run
+    gives what a GPU allocator would need for the tensors. The autograd engine's threads
+    inherit the mode, so backward is seen on every device.
+
+    ``where=True`` also labels each storage with the op and the three innermost frames of the
+    calling code outside torch that made it, and keeps the live storages at the peak: :meth:`at_peak`
+    sums them by label (where the bytes at the peak come from). Slower: for diagnosis.
+    """
+
+    def __init__(self, where: bool = False):
+        super().__init__()
+        self.where = where
+        self.current = self.peak = 0
+        self._live: dict[int, tuple[int, str]] = {}
+        self._at_peak: dict[int, tuple[int, str]] = {}
+
+    def track(self, tensors, label: str = "alive at start") -> "LiveBytes":
+        """Count the storages of ``tensors`` (an iterable, nested containers allowed) from now on."""
+        for t in tree_leaves(list(tensors)):
+            if isinstance(t, torch.Tensor):
+                self._add(t, label)
+        return self
+
+    def _add(self, t: torch.Tensor, label: str | None) -> None:
+        if t.device.type == "meta" or t.is_sparse or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return
+        storage = t.untyped_storage()
+        key, size = id(storage), storage.nbytes()
+        known = self._live.get(key)
+        if known is not None and known[0] == size:
+            return
+        if known is None:
+            weakref.finalize(storage, self._free, key)
+            label = label if label is not None else self._label()
+        else:  # resized in place (an out= op growing an empty tensor)
+            self.current -= known[0]
+            label = known[1]
+        self._live[key] = (size, label)
+        self.current += size
+        if self.current > self.peak:
+            self.peak = self.current
+            if self.where:
+                self._at_peak = dict(self._live)
+
+    def _free(self, key: int) -> None:
+        size, _ = self._live.pop(key)
+        self.current -= size
+
+    def _label(self) -> str:
+        if not self.where:
+            return ""
+        frames = [f for f in traceback.extract_stack(limit=60)[:-3]
+                  if f"{os.sep}torch{os.sep}" not in f.filename and not f.filename.endswith("harness.py")]
+        return "<".join([self._op] + [f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:])])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._op = str(func.overloadpacket.__name__)
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                self._add(t, "read, made before")
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t, None)
+        return out
+
+    def reset_peak(self) -> None:
+        """Start a new span: the peak restarts from the bytes alive now."""
+        self.peak = self.current
+        self._at_peak = dict(self._live) if self.where else {}
+
+    def at_peak(self, top: int = 20) -> list[tuple[str, int]]:
+        """Bytes alive at the peak by label, largest first (needs ``where=True``)."""
+        sums: collections.Counter = collections.Counter()
+        for size, label in self._at_peak.values():
+            sums[label] += size
+        return sums.most_common(top)
 
 
 # ----------------------------------------------------------------------------- environment

@@ -15,6 +15,11 @@ registered under the config's name), keeps one hidden layer as the bench does, a
 request says ``count_flops: false``, FLOPs (``FlopCounterMode`` on one more call, attention on
 SDPA's math backend as the counter needs). Failures and OOMs are
 reported per entry, and RESULT.json is rewritten after every entry.
+
+A request with ``"task": "pretrain"`` (``benchmarks/bench_train.py``) instead runs pre-training
+steps: upstream's ``PS3VisionEncoder`` and text ``TextTransformer`` with the weights and inputs the
+request names (saved by this project's side), through ``pretrain_step.py`` (loaded by its path,
+the same step code this project's side runs), with the harness's live-bytes tracker.
 """
 
 from __future__ import annotations
@@ -34,10 +39,18 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in _OURS]
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("ps3_bench_harness", HERE / "harness.py")
-harness = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = harness  # registered before it runs: its dataclasses look their module up
-_spec.loader.exec_module(harness)
+
+def _load_by_path(filename: str):
+    """A file of this folder as a module (never through ``ps3``, which is upstream's here); registered
+    before it runs, as its dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(f"ps3_bench_{Path(filename).stem}", HERE / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_by_path("harness.py")
 
 
 def import_upstream():
@@ -124,12 +137,54 @@ def _release(x: torch.Tensor) -> None:
         torch.cuda.empty_cache()
 
 
+def stable_topk(self, k, dim=-1, largest=True, sorted=True):
+    """``Tensor.topk`` with ties to the lower index (a stable descending sort): this project's
+    tie rule, so that both sides select the same patches where probabilities tie."""
+    if not largest:
+        raise NotImplementedError("stable_topk: only largest=True is used by upstream's selection")
+    values, indices = torch.sort(self, dim=dim, descending=True, stable=True)
+    return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+
+def pretrain(request: dict, ps3) -> dict:
+    """Pre-training steps of upstream's towers on the request's weights and batch."""
+    from ps3.modeling_ps3_text import TextTransformer
+
+    step = _load_by_path("pretrain_step.py")
+    device = torch.device(request["device"])
+    torch.manual_seed(request["seed"])
+    config = dict(request["vision_config"])
+    if request.get("trunk"):
+        config["model_name"] = register_trunk(config["model_name"], request["trunk"])
+    visual = ps3.PS3VisionEncoder(ps3.PS3VisionConfig(**config))
+    model = step.PretrainModel(visual, TextTransformer(ps3.PS3TextConfig(**request["text_config"])))
+    model.load_state_dict(torch.load(request["weights"], mmap=True, weights_only=True))
+    model.to(device)
+    batch = {k: v.to(device) for k, v in torch.load(request["batch"], weights_only=True).items()}
+    autocast = getattr(torch, request["autocast"]) if request["autocast"] else None
+    native_topk = torch.Tensor.topk
+    if request["stable_topk"]:
+        torch.Tensor.topk = stable_topk
+    try:
+        return step.run_steps(model, batch, harness.LiveBytes, request["steps"], autocast, request.get("where", False))
+    finally:
+        torch.Tensor.topk = native_topk
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     request = json.loads(Path(argv[0]).read_text())
     ps3 = import_upstream()
+    if request.get("task") == "pretrain":
+        try:
+            reply = {"status": "ok", "record": pretrain(request, ps3)}
+        except Exception as exc:  # noqa: BLE001 - a failure is a result
+            reply = {"status": "OOM" if harness.is_oom(exc) else "failed", "error": harness.error_text(exc)}
+        reply["torch"] = torch.__version__
+        Path(argv[1]).write_text(json.dumps(reply))
+        return 0
     from importlib.metadata import PackageNotFoundError, version
 
     try:

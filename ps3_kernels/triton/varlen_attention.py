@@ -370,7 +370,28 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, in
     return dict(fwd=(128, 64, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 128, 8, 3))
 
 
-_SCHEDULES: dict[int, tuple[weakref.ref, dict]] = {}  # id(cu_seqlens) -> (its weakref, schedules by key)
+_SCHEDULES: dict[int, tuple[weakref.ref, dict]] = {}  # id(table) -> (its weakref, schedules by key)
+
+
+def _kept(table: torch.Tensor, key: tuple, build):
+    """``build()``, kept per ``table`` tensor while it lives when that is a layout's shared, read-only
+    table (:func:`~ps3_kernels.layout.is_shared_table`): every layer of a pass, and every block
+    recomputed under gradient checkpointing, then shares one schedule instead of a few small
+    launches per layer. Anything else (a caller's buffer, refilled in place between CUDA-graph
+    replays, say) gets ``build()`` every call; nothing is kept while a CUDA graph is being captured."""
+    owner, schedules = _SCHEDULES.get(id(table), (None, {}))
+    shared = is_shared_table(table)
+    if shared and owner is not None and owner() is table and key in schedules:
+        return schedules[key]
+    schedule = build()
+    capturing = table.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if shared and not capturing:
+        if owner is None or owner() is not table:
+            schedules = {}
+            _SCHEDULES[id(table)] = (weakref.ref(table), schedules)
+            weakref.finalize(table, _SCHEDULES.pop, id(table), None)
+        schedules[key] = schedule
+    return schedule
 
 
 def _block_schedule(
@@ -380,33 +401,32 @@ def _block_schedule(
 
     Returns ``(seq_of_program, first_program_of_seq, num_programs)``: ``num_programs`` is an upper
     bound on the number of ``block``-sized blocks over all sequences; the spare programs past the
-    real ones get ``seq = -1`` and exit at once. Kept per ``cu_seqlens`` tensor while it lives when
-    that is a layout's shared, read-only table (:func:`~ps3_kernels.layout.is_shared_table`): every
-    layer of a pass then shares one schedule instead of 8 small launches per layer. Any other
-    ``cu_seqlens`` (a caller's buffer, refilled in place between CUDA-graph replays, say) gets its
-    schedule recomputed on the device every call. Not kept while a CUDA graph is being captured.
+    real ones get ``seq = -1`` and exit at once. Kept per ``cu_seqlens`` (:func:`_kept`).
     """
-    key, shared = (block, max_seqlen, total), is_shared_table(cu)
-    owner, schedules = _SCHEDULES.get(id(cu), (None, {}))
-    if shared and owner is not None and owner() is cu and key in schedules:
-        return schedules[key]
-    num_seqs = cu.numel() - 1
-    bound = triton.cdiv(total, block) + num_seqs
-    if max_seqlen is not None:
-        bound = min(bound, num_seqs * triton.cdiv(max_seqlen, block))
-    nblocks = (cu[1:] - cu[:-1] + block - 1) // block
-    ends = torch.cumsum(nblocks, 0, dtype=torch.int32)
-    pids = torch.arange(bound, device=cu.device, dtype=torch.int32)
-    seq = torch.searchsorted(ends, pids, right=True, out_int32=True)
-    schedule = (torch.where(seq < num_seqs, seq, -1), ends - nblocks, bound)
-    capturing = cu.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if shared and not capturing:
-        if owner is None or owner() is not cu:
-            schedules = {}
-            _SCHEDULES[id(cu)] = (weakref.ref(cu), schedules)
-            weakref.finalize(cu, _SCHEDULES.pop, id(cu), None)
-        schedules[key] = schedule
-    return schedule
+    def build():
+        num_seqs = cu.numel() - 1
+        bound = triton.cdiv(total, block) + num_seqs
+        if max_seqlen is not None:
+            bound = min(bound, num_seqs * triton.cdiv(max_seqlen, block))
+        nblocks = (cu[1:] - cu[:-1] + block - 1) // block
+        ends = torch.cumsum(nblocks, 0, dtype=torch.int32)
+        pids = torch.arange(bound, device=cu.device, dtype=torch.int32)
+        seq = torch.searchsorted(ends, pids, right=True, out_int32=True)
+        return torch.where(seq < num_seqs, seq, -1), ends - nblocks, bound
+
+    return _kept(cu, ("blocks", block, max_seqlen, total), build)
+
+
+def _prefix_rows(index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the sequences per prefix row, ``(row_start, seq_by_row)`` (int32), so one program can own
+    (and sum over) a prefix block. Clamped like the kernels clamp it, so bad rows get the gradient
+    of the row they read. Kept per ``prefix_index`` (:func:`_kept`)."""
+    def build():
+        rows_sorted, seq_by_row = torch.sort(index.clamp(0, num_rows - 1), stable=True)
+        rows = torch.arange(num_rows + 1, device=index.device, dtype=rows_sorted.dtype)
+        return torch.searchsorted(rows_sorted, rows, out_int32=True), seq_by_row.to(torch.int32)
+
+    return _kept(index, ("rows", num_rows), build)
 
 
 def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
@@ -509,12 +529,7 @@ def _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, prefix_k, pr
     block_m, block_n, warps, stages = config["dkdv"]
     block_seq, block_start, own_blocks = _block_schedule(cu_seqlens, block_n, max_seqlen, total)
     if has_prefix:
-        # CSR of sequences per prefix row, so one program can own (and sum over) a prefix block.
-        # Clamped like the kernels clamp it, so bad rows get the gradient of the row they read.
-        rows_sorted, seq_by_row = torch.sort(index.clamp(0, prefix_k.shape[0] - 1), stable=True)
-        rows = torch.arange(prefix_k.shape[0] + 1, device=q.device, dtype=rows_sorted.dtype)
-        row_start = torch.searchsorted(rows_sorted, rows, out_int32=True)
-        seq_by_row = seq_by_row.to(torch.int32)
+        row_start, seq_by_row = _prefix_rows(index, prefix_k.shape[0])
         num_prefix_programs = prefix_k.shape[0] * num_heads * triton.cdiv(prefix_len, block_n)
     else:
         row_start = seq_by_row = cu_seqlens

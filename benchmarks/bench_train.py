@@ -152,7 +152,7 @@ def estimate_seconds(case: Case, device: str, steps: int) -> float:
     flops = 4 * case.batch * (tokens * per_token + text_flops) * (steps + 1) * 2
     rate = 150e12 if device == "cuda" else 60e9
     params = 12.5 * width * width * (depth + text["layers"])
-    setup = 2 * (params * 16 / (20e9 if device == "cuda" else 1e9))  # init, save, load per side
+    setup = 2 * (params * 16 / (2e9 if device == "cuda" else 1e9))  # init, save, load per side: host work
     return flops / rate + setup + 5
 
 
@@ -188,54 +188,62 @@ def _max_loss_diff(ours: dict, upstream: dict) -> float:
     return max(abs(a[t] - b[t]) / max(1.0, abs(b[t])) for a, b in zip(ours["losses"], upstream["losses"]) for t in LOSS_TERMS)
 
 
-def _run_upstream(python: str, request: dict, work: Path) -> dict:
-    (work / "request.json").write_text(json.dumps(request))
-    proc = subprocess.run([python, str(UPSTREAM_WORKER), str(work / "request.json"), str(work / "reply.json")],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0 or not (work / "reply.json").exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"status": "failed", "error": f"worker exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads((work / "reply.json").read_text())
-
-
-def run_case(case: Case, device: str = "cpu", steps: int = 2, upstream_python: str | None = None, seed: int = 0,
-             backend: str = "auto", where: bool = False, rtol: float = 1e-4) -> list[dict]:
-    """Rows of one case: this package's (``side`` ``ps3-kernels``) and, with ``upstream_python``,
-    upstream's, each with ``step_ms`` (median of the timed steps after the first), ``peak_live_bytes``
-    and ``fwd_bwd_peak_live_bytes`` (of the tracked step: all of it, and its forward and backward),
-    ``start_live_bytes`` (parameters, gradients, optimizer state, inputs), on CUDA
-    ``cuda_max_allocated_bytes``, and the full ``record`` (per step and per phase). Upstream's row has
-    ``loss_max_rel_diff``; in fp32 a loss mismatch beyond ``rtol`` marks both rows ``loss_mismatch``
-    (their numbers stay, for diagnosis)."""
+def run_ours(case: Case, work: Path | None, device: str = "cpu", steps: int = 2, seed: int = 0, backend: str = "auto",
+             where: bool = False) -> dict:
+    """This package's row of ``case`` (``side`` ``ps3-kernels``); its weights and inputs are saved in
+    ``work`` (unless None) for :func:`run_upstream`. The model is released (and the allocator's cache
+    trimmed) before returning: upstream's process needs the memory."""
     vision, text = configs(case.model, case.text_layers, case.trunk_depth)
     autocast = getattr(torch, case.autocast) if case.autocast else None
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="ps3_bench_train_") as tmp:
-        work = Path(tmp)
-        batch = make_batch(case.batch, case.resolution, text["vocab_size"], text["context_length"], seed)
+    batch = make_batch(case.batch, case.resolution, text["vocab_size"], text["context_length"], seed)
+    torch.manual_seed(seed)
+    model = build_model(vision, text, seed)
+    if work is not None:
         torch.save(batch, work / "batch.pt")
-        torch.manual_seed(seed)
-        model = build_model(vision, text, seed)
         torch.save(model.state_dict(), work / "weights.pt")
-        try:
-            model.to(device)
-            with use_backend(backend):
-                record = run_steps(model, {k: v.to(device) for k, v in batch.items()}, LiveBytes, steps, autocast, where)
-            rows.append(_side_row(SIDES[0], case, device, record, "ok", None))
-        except Exception as exc:  # noqa: BLE001 - a failure is a result
-            rows.append(_side_row(SIDES[0], case, device, None, "OOM" if is_oom(exc) else "failed", error_text(exc)))
-        rows[0]["backend"] = backend
-        del model
-        gc.collect()
-        malloc_trim()  # upstream's process needs the memory this side freed
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        if upstream_python:
-            request = dict(task="pretrain", vision_config=vision, text_config=text, weights=str(work / "weights.pt"),
-                           batch=str(work / "batch.pt"), device=device, autocast=case.autocast, steps=steps, seed=seed,
-                           stable_topk=True, where=where, trunk=upstream_trunk(vision))
-            reply = _run_upstream(upstream_python, request, work)
-            rows.append(_side_row(SIDES[1], case, device, reply.get("record"), reply["status"], reply.get("error")))
+    try:
+        model.to(device)
+        with use_backend(backend):
+            record = run_steps(model, {k: v.to(device) for k, v in batch.items()}, LiveBytes, steps, autocast, where)
+        row = _side_row(SIDES[0], case, device, record, "ok", None)
+    except Exception as exc:  # noqa: BLE001 - a failure is a result
+        row = _side_row(SIDES[0], case, device, None, "OOM" if is_oom(exc) else "failed", error_text(exc))
+    row["backend"] = backend
+    del model
+    gc.collect()
+    malloc_trim()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_upstream(case: Case, work: Path, python: str, device: str = "cpu", steps: int = 2, seed: int = 0,
+                 where: bool = False, pythonpath: str | None = None, timeout: float | None = None) -> dict:
+    """Upstream's row of ``case`` (``side`` ``upstream``): its worker under ``python`` (with ``pythonpath``
+    first on its path, e.g. unpacked wheels) on the weights and inputs :func:`run_ours` saved in ``work``."""
+    vision, text = configs(case.model, case.text_layers, case.trunk_depth)
+    request = dict(task="pretrain", vision_config=vision, text_config=text, weights=str(work / "weights.pt"),
+                   batch=str(work / "batch.pt"), device=device, autocast=case.autocast, steps=steps, seed=seed,
+                   stable_topk=True, where=where, trunk=upstream_trunk(vision))
+    (work / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run([python, str(UPSTREAM_WORKER), str(work / "request.json"), str(work / "reply.json")],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return _side_row(SIDES[1], case, device, None, "timeout", f"the upstream worker ran past {timeout:.0f} s")
+    if proc.returncode != 0 or not (work / "reply.json").exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return _side_row(SIDES[1], case, device, None, "failed", f"worker exit {proc.returncode}: " + " | ".join(tail))
+    reply = json.loads((work / "reply.json").read_text())
+    return _side_row(SIDES[1], case, device, reply.get("record"), reply["status"], reply.get("error"))
+
+
+def compare(rows: list[dict], case: Case, rtol: float = 1e-4) -> list[dict]:
+    """Both sides' rows of ``case``: upstream's gets ``loss_max_rel_diff``; in fp32 a loss mismatch beyond
+    ``rtol`` marks both ``loss_mismatch`` (their numbers stay, for diagnosis)."""
     if len(rows) == 2 and all(r["status"] == "ok" for r in rows):
         ours, theirs = rows[0]["record"], rows[1]["record"]
         rows[1]["loss_max_rel_diff"] = _max_loss_diff(ours, theirs)
@@ -244,6 +252,20 @@ def run_case(case: Case, device: str = "cpu", steps: int = 2, upstream_python: s
             for r in rows:
                 r.update(status="loss_mismatch", error="; ".join(bad)[:500])
     return rows
+
+
+def run_case(case: Case, device: str = "cpu", steps: int = 2, upstream_python: str | None = None, seed: int = 0,
+             backend: str = "auto", where: bool = False, rtol: float = 1e-4) -> list[dict]:
+    """Rows of one case: this package's (``side`` ``ps3-kernels``) and, with ``upstream_python``,
+    upstream's, each with ``step_ms`` (median of the timed steps after the first), ``peak_live_bytes``
+    and ``fwd_bwd_peak_live_bytes`` (of the tracked step: all of it, and its forward and backward),
+    ``start_live_bytes`` (parameters, gradients, optimizer state, inputs), on CUDA
+    ``cuda_max_allocated_bytes``, and the full ``record`` (per step and per phase); see :func:`compare`."""
+    with tempfile.TemporaryDirectory(prefix="ps3_bench_train_") as tmp:
+        rows = [run_ours(case, Path(tmp) if upstream_python else None, device, steps, seed, backend, where)]
+        if upstream_python:
+            rows.append(run_upstream(case, Path(tmp), upstream_python, device, steps, seed, where))
+    return compare(rows, case, rtol)
 
 
 def implied_max_batch(rows: list[dict], budget: int = MEMORY_BUDGET) -> dict[tuple, int]:

@@ -13,8 +13,9 @@ compile per distinct key (plus, on Triton 3.x, one C launcher build per new sign
 the duration of a block: every launch becomes a :class:`Launch` (kernel, arguments, grid, key)
 instead of running, or is handed to ``on_launch`` (the precompile workers compile some of them).
 Outputs of recorded kernels stay uninitialised; the few whose values later index other work
-(the look assignment) are filled by :data:`VALUE_KERNELS` with PyTorch, so host code that
-indexes with them (the encoder's look layout) runs on.
+(the look assignment) or feed a checked loss (the selection probabilities) are filled by
+:data:`VALUE_KERNELS` with PyTorch, so host code that uses them (the encoder's look layout, the
+pre-training step's losses) runs on.
 """
 
 from __future__ import annotations
@@ -130,8 +131,17 @@ def _fill_assign(out: torch.Tensor, order: torch.Tensor, quotas: torch.Tensor, n
     out.scatter_(1, order, torch.where(look < num_looks, look, -1))
 
 
-# Kernels whose outputs index later work: recorded like the others, their outputs then computed here.
-VALUE_KERNELS: dict[str, Callable[..., None]] = {"_assign_kernel": _fill_assign}
+def _fill_probs(out: torch.Tensor, logit: torch.Tensor, argmax: torch.Tensor, *rest: Any) -> None:
+    """``_probs_kernel``: valid stand-in values (probability 0.5, logit 0, each bin's first cell), so
+    a loss on the probabilities (the pre-training step's cross-entropy) and the backward run on."""
+    out.fill_(0.5)
+    logit.zero_()
+    argmax.zero_()  # the logit itself when there is no high-res map
+
+
+# Kernels whose outputs index or feed checked work: recorded like the others, their outputs then
+# computed (or given valid values) here.
+VALUE_KERNELS: dict[str, Callable[..., None]] = {"_assign_kernel": _fill_assign, "_probs_kernel": _fill_probs}
 
 
 # ----------------------------------------------------------------------------- recording

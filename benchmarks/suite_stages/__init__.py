@@ -15,7 +15,8 @@ import traceback
 
 from ps3.bench.harness import error_text
 
-from . import end_to_end, environment, launch_overhead, no_sync, op_checks, op_timings, parity, peers, precompile
+from . import (end_to_end, environment, launch_overhead, no_sync, op_checks, op_timings, parity, peers, precompile,
+               training)
 from .base import Shapes, Stage, StageContext, Workload, device_broken, run_items
 
 STAGES: tuple[Stage, ...] = (
@@ -28,10 +29,10 @@ STAGES: tuple[Stage, ...] = (
     peers.STAGE,
     end_to_end.STAGE,
     launch_overhead.STAGE,
+    training.STAGE,
 )
-# Shares of the budget kept for stages still to come: the pre-training step (benchmarks/bench_train.py:
-# SO400M shapes, batches 8-32, bf16 autocast, ours against upstream), to run last.
-RESERVED: dict[str, float] = {"training": 0.12}
+# Shares of the budget kept for stages still to come.
+RESERVED: dict[str, float] = {}
 
 BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(BY_NAME)

@@ -63,4 +63,4 @@ def items(sh: Shapes) -> list[WorkItem]:
                      eager_against_graph, (workloads.encoder(sh, "ps3-1", 1),))]
 
 
-STAGE = Stage("launch_overhead", 0.02, __doc__.split("\n\n")[0], items)
+STAGE = Stage("launch_overhead", 0.01, __doc__.split("\n\n")[0], items)

@@ -58,4 +58,4 @@ def items(sh: Shapes) -> list[WorkItem]:
     return out + [_item(c, "triton", optional=True) for c in rest]
 
 
-STAGE = Stage("parity", 0.08, __doc__.split("\n\n")[0], items)
+STAGE = Stage("parity", 0.07, __doc__.split("\n\n")[0], items)

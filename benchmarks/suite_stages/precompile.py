@@ -127,7 +127,7 @@ def items(sh: Shapes) -> list[WorkItem]:
     return [WorkItem("compile the later stages' Triton specialisations", precompile_estimate(sh), run_pool)]
 
 
-STAGE = Stage("precompile", 0.10, __doc__.split("\n\n")[0], items)
+STAGE = Stage("precompile", 0.09, __doc__.split("\n\n")[0], items)
 
 
 # ----------------------------------------------------------------------------- the worker process

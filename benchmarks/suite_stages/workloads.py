@@ -163,3 +163,25 @@ def no_sync_forward(index: int) -> Workload:
             model(images, prompt=torch.randn(2, 64, device=device), **kwargs)
 
     return Workload(f"no host sync forward {index}", run)
+
+
+def train_step(sh: Shapes, case) -> Workload:
+    """A ``bench_train`` case's pre-training step (forward, backward and AdamW, gradient checkpointing,
+    its autocast dtype) on a one-layer trunk and a one-layer text tower of the case's widths, two
+    images at most."""
+    import bench_train
+    from ps3.bench.pretrain_step import make_batch, make_optimizer
+    from ps3.bench.pretrain_step import train_step as step
+
+    images = min(case.batch, 2)
+
+    def run(device: str) -> None:
+        vision, text = bench_train.configs(case.model, 1, trunk_depth=1)
+        model = bench_train.build_model(vision, text).to(device).train()
+        model.set_grad_checkpointing(True)
+        batch = make_batch(images, case.resolution, text["vocab_size"], text["context_length"])
+        with use_backend("triton"):
+            step(model, make_optimizer(model), {k: v.to(device) for k, v in batch.items()},
+                 getattr(torch, case.autocast) if case.autocast else None)
+
+    return Workload(f"train step {case.model} {case.resolution} px B={images} {case.autocast or 'fp32'}", run)

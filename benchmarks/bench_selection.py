@@ -80,6 +80,28 @@ def grad_errors(case: dict[str, Any], grad: torch.Tensor, grads: tuple[torch.Ten
     return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, ref))
 
 
+def kernel_argmax(case: dict[str, Any]) -> torch.Tensor:
+    """Each bin's maximum cell as the Triton op chose it, ``(B, h, w)`` flat indices into the high-res map."""
+    return torch.ops.ps3_kernels.selection_probs(*(case[k] for k in INPUTS))[2]
+
+
+def routed_backward(case: dict[str, Any], grad: torch.Tensor, argmax: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float]:
+    """The reference's math (``selection_probs_reference``) and backward in float64, with each
+    bin's maximum read at ``argmax`` instead of recomputed: in 16-bit dtypes rounding can change
+    which cell of a bin is the largest (cosines one unit in the last place apart), and the
+    gradient follows the choice. Returns the gradients of the four inputs and how far the chosen
+    cells fall below their bins' float64 maxima (a few units in the last place of the dtype at most)."""
+    leaves = [case[k].detach().double().requires_grad_() for k in INPUTS]
+    feature, prompt, hr_feature, hr_prompt = leaves
+    logits = (F.normalize(feature, dim=1) * F.normalize(prompt, dim=-1)[:, :, None, None]).sum(dim=1)
+    hr = (F.normalize(hr_feature, dim=1) * F.normalize(hr_prompt, dim=-1)[:, :, None, None]).sum(dim=1)
+    chosen = hr.flatten(1).gather(1, argmax.flatten(1).long()).view_as(logits)
+    gap = (F.adaptive_max_pool2d(hr, logits.shape[-2:]) - chosen).max().item()
+    logits = ((logits + chosen) / 2 * 5.0).clamp(-10, 10)
+    probs = F.softmax(F.pad(logits[..., None], (0, 1)), dim=-1)[..., 0]
+    return torch.autograd.grad(probs, leaves, grad.double()), gap
+
+
 def assign(probs: list[torch.Tensor], case: dict[str, Any]) -> list[torch.Tensor]:
     """The library's assignment: one call per scale for all images and looks."""
     return [assign_looks(p, q) for p, q in zip(probs, case["quotas"])]

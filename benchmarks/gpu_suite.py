@@ -68,15 +68,13 @@ def schedule(t0: float, budget: float, names: tuple[str, ...] = STAGE_NAMES,
     """Deadline of every stage (wall clock): the end of its cumulative share of the budget, after
     the first worker's start (:data:`suite_stages.plan.WORKER_START_S`).
 
-    A full run counts the shares reserved for stages still to come (``suite_stages.RESERVED``) and
-    gives them to the last stage; a run of some stages (``--stages``) shares the budget among them.
+    A run of some stages (``--stages``) shares the budget among them.
     The dry run's stages share the whole budget (the interpreter's costs are nothing like a GPU's,
     so the shares would not fit them): each may run until the budget's end.
     """
     if dry_run:
         return {name: t0 + budget for name in names}
-    full = tuple(names) == STAGE_NAMES
-    total = sum(SHARES[n] for n in names) + (sum(suite_stages.RESERVED.values()) if full else 0.0)
+    total = sum(SHARES[n] for n in names)
     start = min(WORKER_START_S, budget / 4)
     deadlines, done = {}, 0.0
     for name in names:
@@ -135,7 +133,7 @@ def build_summary(work: Path, args: argparse.Namespace, t0: float, names: tuple[
     summary: dict[str, Any] = dict(
         device=None, torch=_version("torch"), triton=_version("triton"), commit=_git_commit(),
         ceilings={}, precompile={}, correctness=[], timings=[], variants=[], end_to_end=[], launch_overhead=[],
-        skipped=[], failed_items=[],
+        training=[], skipped=[], failed_items=[],
     )
     stages = []
     previous_deadline = t0
@@ -214,6 +212,17 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"| {r['method']} | {r['batch']} | {_fmt(r['looks'])} | {_fmt(r['ms'])} | "
                          f"{_fmt(r['tflops_per_s'], 1)} | {_fmt(r.get('ratio_to_floor'))} | {_fmt(r['peak_mem_mb'], 0)} | "
                          f"{status} |")
+    if s.get("training"):
+        lines += ["", "pre-training step (benchmarks/bench_train.py; ours / upstream = ratio of this package's to upstream's)",
+                  "", "| side | model | px | batch | dtype | step ms | peak live GiB | allocator peak GiB | ours / upstream "
+                  "(ms, live, allocator) | status |", "|---|---|---:|---:|---|---:|---:|---:|---|---|"]
+        for r in s["training"]:
+            ratios = ", ".join(_fmt(r.get(f"ours_over_upstream_{k}"), 3)
+                               for k in ("step_ms", "peak_live_bytes", "cuda_max_allocated_bytes"))
+            gib = [r[k] / 2**30 if r.get(k) else None for k in ("peak_live_bytes", "cuda_max_allocated_bytes")]
+            status = r["status"] + (f": {r['error'][:80]}" if r.get("error") and r["status"] != "ok" else "")
+            lines.append(f"| {r['side']} | {r['model']} | {r['resolution']} | {r['batch']} | {r['dtype']} | "
+                         f"{_fmt(r.get('step_ms'), 1)} | {_fmt(gib[0], 2)} | {_fmt(gib[1], 2)} | {ratios} | {status} |")
     for r in s.get("skipped") or []:
         lines.append(f"- skipped {r['stage']}: {r['item']} ({r['reason']})")
     for r in s.get("failed_items") or []:

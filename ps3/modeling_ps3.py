@@ -30,7 +30,7 @@ from .text_transformer import TextTransformer
 from .steps import (carried_quotas, check_disjoint, check_kv_cache, check_maps, check_steps, look_from_maps, merge_order,
                     selected, cache_views)
 from .validation import (LookArgs, check_first_n, check_flag, check_gt_maps, check_images, check_look_args,
-                         check_num_select_token, check_prompt, values_checkable)
+                         check_map, check_num_select_token, check_prompt, values_checkable)
 from .vit import Mlp, PackedSequences, TrunkOutput, VisionTrunk
 
 HIGHRES_SELECTION_SIZE = 1512  # upstream scores saliency on a fixed 1512x1512 view
@@ -197,8 +197,7 @@ class PS3VisionEncoder(nn.Module):
         hw = [images.shape[-2:]] * num_images if isinstance(images, torch.Tensor) else [im.shape[-2:] for im in images]
         sizes = [[self.geometry.image_size(size, s) for s in range(1, len(self.ps3_scales))] for size in hw]
         proj = self.trunk.patch_embed.proj
-        return sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos,
-                                  torch.arange(len(pos), device=pos.device))
+        return sparse_patch_embed(images, sizes, layout.tokens, proj.weight, proj.bias, pos, None)
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk's MAP head over ``(B, N, width)`` tokens after its final norm (and a C-RADIO
@@ -289,11 +288,12 @@ class PS3VisionEncoder(nn.Module):
         layer's (B, N, C) or None, "output_kv_cache": (layers, 2, B, heads, N, head_dim) or None}``,
         the cache :meth:`forward_high_res` attends to. ``x``: a (B, 3, H, W) batch or (beyond
         upstream) a list of (3, H, W) images of any sizes. No host sync."""
-        images, _ = check_images(x, self.ps3_scales[0], self.patch_size)
+        images, batched = check_images(x, self.ps3_scales[0], self.patch_size)
         self._check_input(images[0])
         output_hidden_states = check_flag("output_hidden_states", output_hidden_states)
         return_kv_cache = check_flag("return_kv_cache", return_kv_cache)
-        hidden, cache = self.encode_dense(resize_all(images, (self.ps3_scales[0],) * 2), return_kv=return_kv_cache,
+        pixels = x if batched else images  # a batch is resized as one tensor, never restacked
+        hidden, cache = self.encode_dense(resize_all(pixels, (self.ps3_scales[0],) * 2), return_kv=return_kv_cache,
                                           keep_layers=None if output_hidden_states else 1)
         return {"x": self.pool(hidden[-1]), "hidden_states": hidden if output_hidden_states else None,
                 "output_kv_cache": torch.stack(cache) if return_kv_cache else None}
@@ -304,22 +304,20 @@ class PS3VisionEncoder(nn.Module):
         maps, one per high-res scale (the posterior None without a prompt). ``feature_map``: the
         ``select_based_on_layer`` states as (B, C * layers, h, w); ``highres_feature_map``: the
         ConvNet's (B, C', H', W') map of the 1512 px view, or None to score without it; ``input``
-        gives the sizes. Uses the fused scoring op; no host sync."""
-        x, grids = self._batch(input)
-        B, device = x.shape[0], x.device
+        gives the sizes only (its pixels and dtype are not read). Uses the fused scoring op; no host sync."""
+        if not isinstance(input, torch.Tensor) or input.dim() != 4:
+            got = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"input must be the (B, 3, H, W) images (for their sizes), got {got}")
+        B, device = input.shape[0], self.trunk.pos_embed.device
+        grids = self.geometry.highres_grids(input.shape[-2:])
         c_sel = self.width * len(self.config.select_based_on_layer)
-        if not isinstance(feature_map, torch.Tensor) or feature_map.dim() != 4 or tuple(feature_map.shape[:2]) != (B, c_sel):
-            got = tuple(feature_map.shape) if isinstance(feature_map, torch.Tensor) else type(feature_map).__name__
-            raise ValueError(f"feature_map must be (B={B}, {c_sel}, h, w): the select_based_on_layer states, got {got}")
+        check_map("feature_map", feature_map, (B, c_sel), "the select_based_on_layer states", device)
         if highres_feature_map is not None:
-            c_hr = self.config.highres_selection_module_out_dim
             if not self.config.highres_selection_feature:
                 raise ValueError("highres_feature_map needs a model with config.highres_selection_feature")
-            if not isinstance(highres_feature_map, torch.Tensor) or highres_feature_map.dim() != 4 or \
-                    tuple(highres_feature_map.shape[:2]) != (B, c_hr):
-                got = getattr(highres_feature_map, "shape", type(highres_feature_map).__name__)
-                raise ValueError(f"highres_feature_map must be (B={B}, {c_hr}, H, W), got {got}")
-        prompt = check_prompt(prompt, B, self.width, device, x.dtype)
+            check_map("highres_feature_map", highres_feature_map, (B, self.config.highres_selection_module_out_dim),
+                      "the ConvNet's map of the 1512 px view", device)
+        prompt = check_prompt(prompt, B, self.width, device, feature_map.dtype)
         gt_maps = check_gt_maps(gt_selection_maps, B, device)
         smooth = check_flag("smooth_selection_prob", smooth_selection_prob)
         probs = self._score(feature_map.permute(0, 2, 3, 1), highres_feature_map, prompt, [grids] * B, gt_maps, smooth)
@@ -356,7 +354,8 @@ class PS3VisionEncoder(nn.Module):
             available = [device_table([f.shape[1]] * B, device) for f in flat]
         num_select_token = check_num_select_token(num_select_token, sum(self.max_select_num_each_scale))
         first_n = check_first_n(only_select_first_n_scale, B, num_high)
-        base = [look_quotas(self.max_select_num_each_scale, num_select_token, f) for f in first_n or [None] * B]
+        base = [look_quotas(self.max_select_num_each_scale, num_select_token, f, "num_select_token")
+                for f in first_n or [None] * B]
         quotas = carried_quotas(base, available)
         if any(q < 0 for row in base for q in row):  # only a carry-over can lift it to >= 0, as upstream
             if values_checkable(quotas[-1]) and any(bool((q < 0).any()) for q in quotas):

@@ -21,7 +21,10 @@ def default_quotas(max_select_num: int, scales: list[int]) -> list[int]:
     return quotas
 
 
-def look_quotas(max_each: list[int], num_select_token: int | None, first_n: int | None) -> list[int]:
+def look_quotas(max_each: list[int], num_select_token: int | None, first_n: int | None,
+                token_arg: str = "num_token_look_close") -> list[int]:
+    """One look's quota per scale: ``max_each``, or ``num_select_token`` split the same way, moved to
+    the first ``first_n`` scales; ``token_arg`` names the token count in errors."""
     total = sum(max_each)
     quotas = list(max_each)
     if num_select_token is not None:
@@ -31,7 +34,7 @@ def look_quotas(max_each: list[int], num_select_token: int | None, first_n: int 
         kept, all_ = sum(quotas[:first_n]), sum(quotas)
         if kept == 0:
             raise ValueError(
-                f"num_token_look_close leaves no quota on the first {first_n} scales of a look "
+                f"{token_arg} leaves no quota on the first {first_n} scales of a look "
                 f"({quotas}), so only_select_first_n_scale={first_n} cannot be applied (upstream divides by zero)"
             )
         quotas = [int(x / kept * all_) if i < first_n else 1 for i, x in enumerate(quotas)]

@@ -137,7 +137,6 @@ def merge_order(sel_each_step: list[torch.Tensor], counts: list[int]) -> torch.T
     look, each selecting ``counts[step]`` patches per image; returns the ``(B, sum(counts))``
     permutation that puts the looks' concatenated tokens in raster order of the union (scale,
     then row-major), sync-free: each look's positions are the first ``counts`` of a stable sort."""
-    N = sel_each_step[0].shape[1]
     pos = []
     for sel, n in zip(sel_each_step, counts):
         if values_checkable(sel):

@@ -111,6 +111,16 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
         raise ValueError(f"{name} is on {tensor.device} but the images are on {device}; move it with .to({str(device)!r})")
 
 
+def check_map(name: str, t, lead: tuple[int, int], what: str, device: torch.device) -> None:
+    """A floating ``(B, C, h, w)`` map with the given ``(B, C)`` on ``device``."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != lead:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be (B={lead[0]}, {lead[1]}, h, w): {what}, got {got}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    _check_device(name, t, device)
+
+
 def check_prompt(prompt, batch: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """A ``(B, width)`` floating prompt on the images' device, cast to their dtype (or None)."""
     if prompt is None:

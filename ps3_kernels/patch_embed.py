@@ -3,6 +3,7 @@ PyTorch reference).
 
 For every selected patch (image ``b``, scale ``s``, grid cell ``(row, col)``) the token is
 ``unfold(resize(image_b, size[b][s]))[cell] @ W^T + bias + pos_table[pos_index] (+ res_table[res_index])``
+(``pos_index`` None: ``pos_table`` holds one row per token, its own)
 where ``resize`` is ``F.interpolate(mode="bicubic", align_corners=False)`` computed in fp32,
 as upstream PS3 tokenises. The reference below materialises each resized image once per call
 (what upstream does); the Triton path samples the selected patches' pixels directly.
@@ -70,19 +71,27 @@ def _image_list(images: Images) -> list[torch.Tensor]:
     return list(images)
 
 
-def _check_table(name: str, table: torch.Tensor, index: torch.Tensor, name_index: str, c_out: int, n: int,
+def _check_table(name: str, table: torch.Tensor, index: torch.Tensor | None, name_index: str, c_out: int, n: int,
                  device: torch.device) -> None:
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != c_out or table.shape[0] == 0:
+    """A ``(rows, c_out)`` table and its ``(n,)`` integer index, or (index None) one row per token."""
+    if index is None:
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != (n, c_out):
+            raise ValueError(f"{name} must be ({n}, {c_out}) (a row per token) when {name_index} is None, "
+                             f"got {_shape(table)}")
+    elif not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != c_out or table.shape[0] == 0:
         raise ValueError(f"{name} must be a (rows >= 1, {c_out}) tensor, got {_shape(table)}")
     if not table.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {table.dtype}")
+    if table.device != device:
+        raise ValueError(f"{name} is on {table.device}, weight on {device}")
+    if index is None:
+        return
     if not isinstance(index, torch.Tensor) or index.shape != (n,):
         raise ValueError(f"{name_index} must be ({n},) (one entry per token), got {_shape(index)}")
     if index.dtype.is_floating_point or index.dtype == torch.bool:
         raise TypeError(f"{name_index} must be an integer tensor, got {index.dtype}")
-    for arg, t in ((name, table), (name_index, index)):
-        if t.device != device:
-            raise ValueError(f"{arg} is on {t.device}, weight on {device}")
+    if index.device != device:
+        raise ValueError(f"{name_index} is on {index.device}, weight on {device}")
 
 
 def _check(images: list[torch.Tensor], resized_sizes, tokens, weight, bias, pos_table, pos_index, res_table,
@@ -211,7 +220,7 @@ def sparse_patch_embed_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     pos_table: torch.Tensor,
-    pos_index: torch.Tensor,
+    pos_index: torch.Tensor | None,
     res_table: torch.Tensor | None = None,
     res_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -256,7 +265,7 @@ def sparse_patch_embed_reference(
     out = patches.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
     if bias is not None:
         out = out + bias
-    out = out + pos_table[pos_index]
+    out = out + (pos_table if pos_index is None else pos_table[pos_index])
     if res_table is not None:
         out = out + res_table[res_index]
     return out
@@ -291,7 +300,7 @@ def sparse_patch_embed(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     pos_table: torch.Tensor,
-    pos_index: torch.Tensor,
+    pos_index: torch.Tensor | None,
     res_table: torch.Tensor | None = None,
     res_index: torch.Tensor | None = None,
     *,
@@ -306,7 +315,9 @@ def sparse_patch_embed(
         tokens: the selected patches, in output order: image in ``[0, B)``, scale in that
             image's scales, row/col inside that scale's patch grid.
         weight, bias: the patch-embed convolution, ``(C_out, C, p, p)`` and ``(C_out,)``.
-        pos_table, pos_index: absolute position-embedding rows added to each token.
+        pos_table, pos_index: absolute position-embedding rows added to each token; ``pos_index``
+            None: ``pos_table`` is ``(T, C_out)``, each token's own row (no index, and its gradient
+            is the output's).
         res_table, res_index: optional second table (PS3's per-scale ``pos_emb_residual``).
         checked: also validate token and table indices that live on the GPU (a device sync);
             ``None`` reads ``PS3_KERNELS_CHECKED``. Indices on the CPU are always validated.

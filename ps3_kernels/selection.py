@@ -117,8 +117,16 @@ def selection_probs(
     highres_feature: torch.Tensor | None = None,
     highres_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatching :func:`selection_probs_reference` (see there); differentiable on both backends."""
+    """Dispatching :func:`selection_probs_reference` (see there); differentiable on both backends.
+
+    Under CUDA autocast the inputs are taken in float32: autocast runs ``F.normalize``, ``sum`` and
+    ``softmax`` in float32, so upstream's scoring under AMP (and the reference's) is float32 math
+    on the 16-bit inputs' values; the kernel computes the same, and returns float32 as they do.
+    """
     _check_probs_args(feature, prompt, highres_feature, highres_prompt)
+    if feature.is_cuda and torch.is_autocast_enabled("cuda"):
+        feature, prompt, highres_feature, highres_prompt = (
+            None if t is None else t.float() for t in (feature, prompt, highres_feature, highres_prompt))
     reasons = _probs_reasons(feature, prompt, highres_feature, highres_prompt)
     if dispatch(PROBS_SUPPORT, reasons, [feature, prompt, highres_feature, highres_prompt]) == "triton":
         from .triton.selection import selection_probs_triton

@@ -209,3 +209,23 @@ def test_image_layouts_agree(poisoned):
     crop_ref = reference64([c.clone() for c in crop_list], *args, None, None)
     assert image_layout(crop_list, sizes)[0].data_ptr() == crops.data_ptr()
     assert rel_err(run_kernel(crop_list, *args), crop_ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_token_position_rows(poisoned, backend):
+    """``pos_index=None``: ``pos_table`` is each token's own row; the same tokens as gathering those
+    rows through an index, and its gradient is the output's."""
+    images, sizes, tokens, weight, bias, table, index, res_table, res_index = make_case(
+        MIXED_IMAGES, MIXED_SIZES, 4, 24, torch.float32, torch.float32, seed=3)
+    rows = table[index].clone().requires_grad_()
+    indexed = table.clone().requires_grad_()
+    call = run_triton if backend == "triton" else (lambda fn, *a: fn(*a))
+    with use_backend(backend):
+        out = call(sparse_patch_embed, images, sizes, tokens, weight, bias, rows, None, res_table, res_index)
+        want = call(sparse_patch_embed, images, sizes, tokens, weight, bias, indexed, index, res_table, res_index)
+    assert rel_err(out, want) < 1e-6
+    grad = torch.randn_like(out)
+    (d_rows,) = torch.autograd.grad(out, rows, grad)
+    assert torch.equal(d_rows, grad)
+    with pytest.raises(ValueError, match=r"a row per token"):
+        sparse_patch_embed(images, sizes, tokens, weight, bias, table, None)

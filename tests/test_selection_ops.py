@@ -332,3 +332,17 @@ def test_empty_inputs():
 def test_probs_validation(args, error):
     with pytest.raises(error):
         selection_probs(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
+def test_probs_under_cuda_autocast_are_float32_on_both_backends():
+    """Upstream's scoring under AMP is float32 math (autocast runs normalize, sum and softmax in
+    float32): both backends return float32 probabilities of the bf16 inputs' values, equal to the
+    float32 reference's."""
+    args = [t.cuda() for t in scoring_inputs(2, 24, 5, 4, (16, 11, 9), torch.bfloat16)]
+    want = selection_probs_reference(*(t.float() for t in args))
+    for backend in ("torch", "triton"):
+        with use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+            got = selection_probs(*args)
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) < 1e-6, backend

@@ -260,6 +260,11 @@ def test_step_methods_read_no_device_values():
      ValueError, "highres_feature_map must be"),
     (lambda vm, x, m, c: vm.get_selection_probs(x, torch.zeros(2, 192, 4, 4), prompt=torch.zeros(2, 63)),
      ValueError, "prompt must be"),
+    (lambda vm, x, m, c: vm.get_selection_probs(x, torch.zeros(2, 192, 4, 4, dtype=torch.long)), TypeError,
+     "feature_map must be floating"),
+    (lambda vm, x, m, c: vm.get_selection_probs(x[0], torch.zeros(2, 192, 4, 4)), ValueError, r"input must be the \(B"),
+    (lambda vm, x, m, c: vm.get_selection_maps(m, num_select_token=1, only_select_first_n_scale=1), ValueError,
+     "num_select_token leaves no quota"),
 ])
 def test_step_methods_reject_bad_arguments(model, call, error, match):
     vm = model.vision_model
@@ -271,6 +276,17 @@ def test_step_methods_reject_bad_arguments(model, call, error, match):
         cache = vm.forward_low_res(x, return_kv_cache=True)["output_kv_cache"]
         with pytest.raises(error, match=match):
             call(vm, x, maps, cache)
+
+
+def test_get_selection_probs_reads_only_the_sizes_of_input(model):
+    """Upstream only takes sizes from ``input``: float64 pixels for an fp32 model are fine."""
+    vm = model.vision_model
+    x = torch.randn(2, 3, 224, 224)
+    features = torch.randn(2, 192, 4, 4)
+    with torch.no_grad(), use_backend("torch"):
+        want = vm.get_selection_probs(x, features)
+        got = vm.get_selection_probs(x.double(), features)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
 
 
 def test_first_n_that_leaves_a_negative_quota_is_an_error():

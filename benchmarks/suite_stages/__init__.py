@@ -3,8 +3,8 @@ work together (see :mod:`.base`), and one line each here.
 
 To add a stage: a module with ``STAGE = Stage(name, share, about, items)`` whose ``items(shapes)``
 returns its :class:`~.base.WorkItem` list (each with its estimate, the function that does it and
-the compile workloads it needs), and its ``STAGE`` in :data:`STAGES`; take its share from
-:data:`RESERVED` if it is reserved there. ``gpu_suite.py --plan`` then budgets it and the
+the compile workloads it needs), and its ``STAGE`` in :data:`STAGES`, with its share taken from
+the others (the shares add up to at most 1). ``gpu_suite.py --plan`` then budgets it and the
 precompile stage compiles its kernels.
 """
 
@@ -31,8 +31,6 @@ STAGES: tuple[Stage, ...] = (
     launch_overhead.STAGE,
     training.STAGE,
 )
-# Shares of the budget kept for stages still to come.
-RESERVED: dict[str, float] = {}
 
 BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(BY_NAME)

@@ -192,6 +192,17 @@ class StageContext:
         if self.cuda:
             torch.cuda.empty_cache()
 
+    def upstream_site(self, wait_s: float) -> tuple[str | None, str]:
+        """The folder the parent unpacked ``.whl/upstream`` into, once its pip is done (or why not)."""
+        marker = self.work / "upstream_site.json"
+        end = time.time() + wait_s
+        while not marker.exists() and time.time() < end:
+            time.sleep(0.5)
+        if not marker.exists():
+            return None, f"the upstream wheels were still installing after {wait_s:.0f} s"
+        info = json.loads(marker.read_text())
+        return (info["path"], "") if info.get("ok") else (None, info.get("reason", "upstream wheels not installed"))
+
 
 def clean(value: Any) -> Any:
     """JSON-safe: non-finite floats become None (strict JSON has no inf/nan)."""

@@ -9,10 +9,8 @@ a row, not a gap."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -125,18 +123,6 @@ def ours(ctx: StageContext, method: str, label: str, batch: int, looks: int | No
     ctx.add("end_to_end", entry(ctx, rec, label, looks))
 
 
-def _upstream_site(ctx: StageContext, wait_s: float) -> tuple[str | None, str]:
-    """The folder the parent unpacked ``.whl/upstream`` into, once its pip is done (or why not)."""
-    marker = ctx.work / "upstream_site.json"
-    end = time.time() + wait_s
-    while not marker.exists() and time.time() < end:
-        time.sleep(0.5)
-    if not marker.exists():
-        return None, f"the upstream wheels were still installing after {wait_s:.0f} s"
-    info = json.loads(marker.read_text())
-    return (info["path"], "") if info.get("ok") else (None, info.get("reason", "upstream wheels not installed"))
-
-
 def upstream(ctx: StageContext, est_s: float) -> None:
     """Upstream PS3 in its worker process, every batch and look count in one call (it reports each
     entry as it finishes, so a timeout keeps the finished ones). Its FLOPs are this project's count
@@ -149,7 +135,7 @@ def upstream(ctx: StageContext, est_s: float) -> None:
     methods = [f"upstream-ps3-{n}" for n in sh.e2e_looks]
     records = [ps3_bench.empty_record(st["opts"], st["env"], m, R, b, st["preset"].dtype)
                for b in sh.e2e_batches for m in methods]
-    site, reason = _upstream_site(ctx, wait_s=min(30.0, max(ctx.left() - est_s, 0)))
+    site, reason = ctx.upstream_site(wait_s=min(30.0, max(ctx.left() - est_s, 0)))
     if site is None:
         for rec in records:
             rec.update(status="skipped", error=reason)

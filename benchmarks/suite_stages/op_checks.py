@@ -94,7 +94,10 @@ def check_patch_embed(ctx: StageContext, tag: str, batch: int) -> dict[str, Any]
 
 def check_selection(ctx: StageContext, tag: str, batch: int) -> dict[str, Any]:
     """Scoring against float64 (and within two units in the last place of the same-dtype
-    reference, whose rounding the kernel reproduces); look assignment equal to upstream's loop."""
+    reference, whose rounding the kernel reproduces); the gradients of its four inputs against the
+    reference's backward in float64 routed through the bins' maxima the kernel chose, each choice
+    within 4 units in the last place of its bin's float64 maximum; look assignment equal to
+    upstream's loop."""
     from helpers import poisoned_empty
 
     sh, s = ctx.shapes, seed()
@@ -106,18 +109,43 @@ def check_selection(ctx: StageContext, tag: str, batch: int) -> dict[str, Any]:
         probs = bench_selection.score(case)
         scaled = bench_selection.per_scale(probs, case["grids"])
         looks = bench_selection.assign(scaled, case)
+        grad = torch.randn(probs.shape, generator=torch.Generator().manual_seed(s)).to(probs)
+        grads = bench_selection.score_backward(case, grad)
+        argmax = bench_selection.kernel_argmax(case)
     with use_backend("torch"):
         same = bench_selection.score(case)
-        wide = {k: case[k].double() for k in ("feature", "prompt", "hr_feature", "hr_prompt")}
+        wide = {k: case[k].double() for k in bench_selection.INPUTS}
         ref64 = bench_selection.score({**case, **wide})
     want = bench_selection.upstream_assign(scaled, case, stable=True)
     max_abs = (probs.float() - same.float()).abs().max().item()
     equal = all(torch.equal(g, w) for g, w in zip(looks, want))
-    return dict(errors={"probs": rel(probs, ref64)}, tol=SELECTION_TOL[tag],
-                extra_ok=max_abs <= 2 * torch.finfo(dtype).eps and equal,
-                max_abs_vs_same_dtype=max_abs, assign_equal_upstream_loop=equal, dtype=tag,
+    ref_grads, gap = bench_selection.routed_backward(case, grad, argmax)
+    errors = {"probs": rel(probs, ref64),
+              **{f"d{k}": rel(g, r) for k, g, r in zip(bench_selection.INPUTS, grads, ref_grads)}}
+    tol = SELECTION_TOL[tag]
+    return dict(errors=errors, tol=tol, bounds={k: tol if k == "probs" else 2 * tol for k in errors},
+                extra_ok=max_abs <= 2 * torch.finfo(dtype).eps and equal and gap <= 4 * torch.finfo(dtype).eps,
+                max_abs_vs_same_dtype=max_abs, argmax_gap=gap, assign_equal_upstream_loop=equal, dtype=tag,
                 shape=f"B={batch}, {sh.width} x {sh.low_grid}^2 + hr {sh.sel_hr_channels} x {sh.sel_hr_grid}^2, "
                       f"{sh.looks} looks of {sh.patch_tokens}", seed=s)
+
+
+def check_selection_autocast(ctx: StageContext) -> dict[str, Any]:
+    """Under CUDA autocast (bf16) both backends score in float32, as upstream's AMP does: float32
+    output equal to the float32 reference of the bf16 inputs' values."""
+    sh, s = ctx.shapes, seed()
+    case = bench_selection.make_case(list(sh.scales), 1, sh.looks, sh.patch_tokens, torch.bfloat16, sh.device,
+                                     channels=sh.width, hr_channels=sh.sel_hr_channels, hr_grid=sh.sel_hr_grid,
+                                     low_grid=sh.low_grid, seed=s)
+    with use_backend("torch"):
+        want = bench_selection.score({**case, **{k: case[k].float() for k in bench_selection.INPUTS}})
+    errors, dtypes = {}, {}
+    for backend in ("triton", "torch"):
+        with use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+            got = bench_selection.score(case)
+        errors[backend], dtypes[backend] = rel(got, want), str(got.dtype)
+    return dict(errors=errors, tol=SELECTION_TOL["fp32"], extra_ok=set(dtypes.values()) == {"torch.float32"},
+                dtypes=dtypes, dtype="bf16 autocast", shape=f"B=1, {sh.width} x {sh.low_grid}^2", seed=s)
 
 
 def ops(sh: Shapes, tag: str, batch: int) -> list[WorkItem]:
@@ -130,8 +158,8 @@ def ops(sh: Shapes, tag: str, batch: int) -> list[WorkItem]:
                    lambda ctx: check_attention(ctx, tag, batch, False), (workloads.attention(sh, tag, batch, False),)),
         check_item(f"patch embed fwd+bwd {tag} B={batch}", slow, lambda ctx: check_patch_embed(ctx, tag, batch),
                    (workloads.patch_embed(sh, tag, batch),)),
-        check_item(f"selection {tag} B={batch}", 0.5 * slow, lambda ctx: check_selection(ctx, tag, batch),
-                   (workloads.selection(sh, tag, batch),)),
+        check_item(f"selection fwd+bwd {tag} B={batch}", 0.5 * slow, lambda ctx: check_selection(ctx, tag, batch),
+                   (workloads.selection(sh, tag, batch, backward=True),)),
     ]
 
 
@@ -139,7 +167,11 @@ def items(sh: Shapes) -> list[WorkItem]:
     first, *more = sh.check_batches
     out = ops(sh, "bf16", first) + [i for b in more for i in ops(sh, "bf16", b)]
     out += ops(sh, "fp16", first) + ops(sh, "fp32", first)
-    return out + [i for b in more for tag in ("fp16", "fp32") for i in ops(sh, tag, b)]
+    out += [i for b in more for tag in ("fp16", "fp32") for i in ops(sh, tag, b)]
+    if sh.gpu:  # autocast needs CUDA
+        out.append(check_item("selection under CUDA autocast, both backends", 0.5, check_selection_autocast,
+                              (workloads.selection(sh, "fp32", 1),)))
+    return out
 
 
 STAGE = Stage("op_checks", 0.12, __doc__.split("\n\n")[0], items)

@@ -89,7 +89,7 @@ def build_plan(budget_s: float, sh: Shapes = GPU, report: dict[str, Any] | None 
     """The plan of a full run with ``--budget-s budget_s`` (see the module docstring); ``problems``
     lists what breaks it: a stage over its cap, a workload or specialisation missing from the
     report, a specialisation over the compile limit or failing to compile."""
-    from . import RESERVED, STAGES
+    from . import STAGES
 
     report = report or load_report()
     problems: list[str] = []
@@ -133,13 +133,12 @@ def build_plan(budget_s: float, sh: Shapes = GPU, report: dict[str, Any] | None 
             specs=sorted(specs), new_specs=len(new),
             compile_serial_s=round(sum(spec_cost(r) for r in new) + LAUNCHER_S * len({r.get("signature") for r in new}),
                                    1)))
-    shares = sum(s["share"] for s in stages) + sum(RESERVED.values())
+    shares = sum(s["share"] for s in stages)
     if shares > 1.0 + 1e-9:
         problems.append(f"the shares add up to {shares:.2f} of the budget")
     return dict(
         budget_s=budget_s, shares=round(shares, 3),
         worker_start_s=WORKER_START_S,
-        reserved={k: dict(share=v, cap_s=round(v * (budget_s - WORKER_START_S), 1)) for k, v in RESERVED.items()},
         report=dict(path=str(REPORT), **{k: report.get("meta", {}).get(k) for k in ("triton", "git_commit", "target")}),
         compile_limit_s=COMPILE_LIMIT_S, launcher_s=LAUNCHER_S, precompile_workers=GPU_HOST_WORKERS,
         estimated_s=round(WORKER_START_S + sum(s["estimated_s"] for s in stages), 1), stages=stages,
@@ -156,8 +155,6 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"| {s['name']} | {s['cap_s']:.1f} | {s['estimated_s']:.1f} | {len(s['items'])}"
                      f"{f' (+{optional} optional)' if optional else ''} | {len(s['specs'])} ({s['new_specs']}) | "
                      f"{s['compile_serial_s']:.1f} |")
-    for name, r in plan["reserved"].items():
-        lines.append(f"| {name} (reserved) | {r['cap_s']:.1f} | - | - | - | - |")
     lines += ["", f"compile report: {plan['report']['path']} (triton {plan['report']['triton']}, "
               f"commit {plan['report']['git_commit']})"]
     if plan["problems"]:

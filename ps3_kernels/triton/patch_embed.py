@@ -170,10 +170,11 @@ def _embed_kernel(
     Out, Weight, Bias, PosTable, PosIndex, ResTable, ResIndex,
     Pixels, Geometry, TokImage, TokScale, TokRow, TokCol,
     num_tokens, c_out, num_images, num_scales, pos_rows, res_rows,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, K: tl.constexpr, P: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, POS_PER_TOKEN: tl.constexpr, K: tl.constexpr, P: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``out[t, n] = patch(t) . weight[n] + bias[n] + pos_table[pos_index[t], n] + res_table[res_index[t], n]``.
+    """``out[t, n] = patch(t) . weight[n] + bias[n] + pos_table[pos_index[t], n] + res_table[res_index[t], n]``
+    (``POS_PER_TOKEN``: ``pos_table[t, n]``, no index).
 
     Grid ``(output-channel blocks, token blocks)``: the channel blocks of one token block are
     neighbours in launch order, so their source pixels are still in cache for each other.
@@ -199,7 +200,10 @@ def _embed_kernel(
     mask = t_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    pos = _clamped_index(PosIndex, tok, t_mask, pos_rows)
+    if POS_PER_TOKEN:
+        pos = tok
+    else:
+        pos = _clamped_index(PosIndex, tok, t_mask, pos_rows)
     acc += tl.load(PosTable + pos[:, None] * c_out + n[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         res = _clamped_index(ResIndex, tok, t_mask, res_rows)
@@ -246,7 +250,7 @@ def _launch_config(dtype: torch.dtype, c_out: int, k: int) -> tuple[int, int, in
 
 _SCHEMA = (
     "(Tensor pixels, Tensor geometry, Tensor image, Tensor scale, Tensor row, Tensor col, Tensor weight, "
-    "Tensor? bias, Tensor pos_table, Tensor pos_index, Tensor? res_table, Tensor? res_index) -> Tensor"
+    "Tensor? bias, Tensor pos_table, Tensor? pos_index, Tensor? res_table, Tensor? res_index) -> Tensor"
 )
 
 
@@ -264,16 +268,17 @@ def _embed_op(pixels, geometry, image, scale, row, col, weight, bias, pos_table,
     if num_tokens == 0:
         return out
     block_t, block_n, block_k, warps, stages = _launch_config(weight.dtype, c_out, k)
-    has_res = res_table is not None
+    has_res, per_token = res_table is not None, pos_index is None
+    pos_index = image if per_token else pos_index.contiguous()  # a stand-in pointer, not read
     grid = (triton.cdiv(c_out, block_n), triton.cdiv(num_tokens, block_t))
     _embed_kernel[grid](
         out, weight.reshape(c_out, k).contiguous(), bias if bias is not None else weight,
-        pos_table.contiguous(), pos_index.contiguous(),
+        pos_table.contiguous(), pos_index,
         res_table.contiguous() if has_res else weight, res_index.contiguous() if has_res else pos_index,
         pixels, geometry, image, scale, row, col,
         num_tokens, c_out, geometry.shape[0], _num_scales(geometry), pos_table.shape[0],
         res_table.shape[0] if has_res else 1,
-        HAS_BIAS=bias is not None, HAS_RES=has_res, K=k, P=weight.shape[-1],
+        HAS_BIAS=bias is not None, HAS_RES=has_res, POS_PER_TOKEN=per_token, K=k, P=weight.shape[-1],
         PREC=dot_precision(weight.dtype), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
@@ -333,7 +338,7 @@ def _backward(ctx, grad):
     if need_b:
         d_bias = grad.sum(0).to(ctx.bias_dtype)
     if need_pos:
-        d_pos = _table_grad(grad, pos_index, ctx.tables[0])
+        d_pos = grad.to(ctx.tables[0][1]) if pos_index is None else _table_grad(grad, pos_index, ctx.tables[0])
     if need_res:
         d_res = _table_grad(grad, res_index, ctx.tables[1])
     return None, None, None, None, None, None, d_weight, d_bias, d_pos, None, d_res, None
@@ -349,7 +354,7 @@ def sparse_patch_embed_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     pos_table: torch.Tensor,
-    pos_index: torch.Tensor,
+    pos_index: torch.Tensor | None,
     res_table: torch.Tensor | None = None,
     res_index: torch.Tensor | None = None,
 ) -> torch.Tensor:

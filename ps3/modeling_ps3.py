@@ -146,7 +146,8 @@ class PS3VisionEncoder(nn.Module):
 
         Returns the hidden states ``(B, h*w, C)`` of the last ``keep_layers`` layers (all by
         default) and, if asked, the K/V cache: per layer ``(2, B, heads, h*w, head_dim)``, views
-        of the trunk's packed K/V (no copy; the attention ops read them as they are). ``cache[i]``
+        of the K and V the trunk keeps of each layer (one copy per layer, without q; the attention
+        ops read the views as they are). ``cache[i]``
         is layer ``i``'s ``(k, v)``, the prefix the trunk takes; ``torch.stack(cache)`` is upstream's
         ``(layers, 2, B, heads, h*w, head_dim)`` layout. This is
         PS3's low-res pass and what the dense baselines (AnyRes, S2, slicing) run on their

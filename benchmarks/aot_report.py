@@ -278,7 +278,7 @@ def report_workloads(subset: str) -> dict[str, Workload]:
         from suite_stages.workloads import no_sync_forward, parity_case
 
         works = [attention(GPU, tag, 1, look) for tag in ("bf16", "fp16", "fp32") for look in (True, False)]
-        works += [patch_embed(GPU, "bf16", 1), selection(GPU, "bf16", 1), selection(GPU, "fp32", 1),
+        works += [patch_embed(GPU, "bf16", 1), selection(GPU, "bf16", 1, backward=True), selection(GPU, "fp32", 1),
                   *(parity_case(c) for c in TRITON_CASES[:3]), no_sync_forward(0), tiny_test_model(True)]
         return {w.name: w for w in works}
     out = dict(stage_workloads(GPU))
@@ -295,9 +295,10 @@ def report_workloads(subset: str) -> dict[str, Workload]:
 
 
 def _dtype(key: str) -> str:
-    """The kernel's float dtype: the most common among its pointers (``int`` when it has none)."""
-    found = re.findall(r":\*(bf16|fp16|fp32)", key)
-    return max(set(found), key=found.count) if found else "int"
+    """The kernel's input dtype: a 16-bit float among its pointers if any (fp32 buffers beside them are
+    accumulators and saved statistics), else ``fp32``, else ``int``."""
+    found = set(re.findall(r":\*(bf16|fp16|fp32)", key))
+    return next((d for d in ("bf16", "fp16", "fp32") if d in found), "int")
 
 
 def _variant(workload: str) -> str:

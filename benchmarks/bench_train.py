@@ -97,10 +97,11 @@ def _cases(model: str, resolution: int, batches, autocast, text_layers) -> tuple
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny random towers (width 64), scales 56/112/224, fp32: the code path in seconds",
                    _cases("tiny", 224, (1, 2), None, 1), "cpu", 2),
-    "cpu": Preset("SO400M shapes, PS3-1.5K at 1512 and PS3-4K at 3780, batch 1, fp32, 2-layer text tower (the "
-                  "trainer's has 27: its AdamW state would not fit a 24 GB box beside the vision tower's); one timed step "
-                  "(it also creates the optimizer state) and one tracked step per side",
-                  _cases("ps3-1.5k", 1512, (1,), None, 2) + _cases("ps3-4k", 3780, (1,), None, 2), "cpu", 1),
+    "cpu": Preset("SO400M shapes, PS3-1.5K at 1512 and PS3-4K at 3780, batches 1 and 2 (two batches imply the "
+                  "largest per 80 GiB), fp32, 2-layer text tower (the trainer's has 27: its AdamW state would not fit a "
+                  "24 GB box beside the vision tower's); one timed step (it also creates the optimizer state) and one "
+                  "tracked step per side",
+                  _cases("ps3-1.5k", 1512, (1, 2), None, 2) + _cases("ps3-4k", 3780, (1, 2), None, 2), "cpu", 1),
     "gpu": Preset("SO400M shapes and the trainer's 27-layer text tower, batches 8/16/32, bf16 autocast, CUDA",
                   _cases("ps3-1.5k", 1512, (8, 16, 32), "bfloat16", 27) + _cases("ps3-4k", 3780, (8, 16, 32), "bfloat16", 27),
                   "cuda", 4),

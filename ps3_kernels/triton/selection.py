@@ -375,7 +375,7 @@ def _is_flat(*maps: torch.Tensor) -> bool:
 def _blocks() -> dict[str, int]:
     """Tile sizes; larger under the CPU interpreter (fewer programs, same arithmetic)."""
     if triton_interpreted():
-        return dict(probs=32, cos=64, bwd=64, rows=16)
+        return dict(probs=64, cos=256, bwd=256, rows=16)
     return dict(probs=16, cos=32, bwd=16, rows=16)
 
 

@@ -13,7 +13,7 @@ model; its ``topk`` is replaced by a stable sort (ties to the lower raster index
 rule) so both sides select the same patches, and the loss terms must agree (fp32) before numbers
 are reported.
 
-    python benchmarks/bench_train.py --preset cpu --out benchmarks/results/train-cpu.json
+    python benchmarks/bench_train.py --preset cpu --upstream-python VENV/bin/python --out benchmarks/results/train-cpu-so400m.json
     python benchmarks/bench_train.py --preset gpu --out train-gpu.json     # SO400M, bf16, batches 8/16/32
     python benchmarks/bench_train.py --preset tiny --out /tmp/train.json   # seconds (CI)
 

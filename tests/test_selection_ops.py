@@ -113,7 +113,7 @@ GEOMETRIES = {  # (B, C, h, w, high-res (C2, H2, W2))
     "highres_smaller_than_grid": (2, 10, 5, 4, (6, 3, 2)),
     "nonsquare_wide_grid": (1, 10, 3, 7, (4, 13, 5)),
     "no_highres_B3": (3, 9, 4, 4, None),
-    # several programs per map at the interpreter's tiles too: prompt partials summed over rows
+    # several programs per map at the interpreter's tiles too: prompt partials summed over 5 rows (2 row blocks)
     "several_blocks": (2, 12, 17, 16, (6, 35, 33)),
 }
 

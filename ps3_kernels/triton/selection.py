@@ -373,9 +373,10 @@ def _is_flat(*maps: torch.Tensor) -> bool:
 
 
 def _blocks() -> dict[str, int]:
-    """Tile sizes; larger under the CPU interpreter (fewer programs, same arithmetic)."""
+    """Tile sizes; larger under the CPU interpreter (fewer programs, same arithmetic), except the
+    prompt reduction's row block, kept small there so small tests still loop over row blocks."""
     if triton_interpreted():
-        return dict(probs=64, cos=256, bwd=256, rows=16)
+        return dict(probs=64, cos=256, bwd=256, rows=4)
     return dict(probs=16, cos=32, bwd=16, rows=16)
 
 

@@ -270,20 +270,31 @@ def run_case(case: Case, device: str = "cpu", steps: int = 2, upstream_python: s
 
 
 def implied_max_batch(rows: list[dict], budget: int = MEMORY_BUDGET) -> dict[tuple, int]:
-    """Largest batch whose peak live bytes fit ``budget``, implied by a line through the peaks
-    measured at the two largest batches of each (side, model, resolution, dtype): an estimate."""
-    groups: dict[tuple, dict[int, int]] = {}
+    """Largest batch whose step fits ``budget`` for each (side, model, resolution, dtype): a line
+    through each phase's peak (forward, backward, AdamW's update, ...) at the two largest batches
+    measured, read where it crosses ``budget``; the step fits while every phase does. Per phase,
+    because the step's peak moves between them (at batch 1 often the update, whose bytes hardly
+    grow with the batch): a line through the step's peaks alone would mix them. An estimate."""
+    groups: dict[tuple, dict[int, dict[str, int]]] = {}
     for r in rows:
         if r["status"] == "ok":
-            groups.setdefault((r["side"], r["model"], r["resolution"], r["dtype"]), {})[r["batch"]] = r["peak_live_bytes"]
+            phases = (r.get("record") or {}).get("phase_peak_bytes") or {"step": r["peak_live_bytes"]}
+            groups.setdefault((r["side"], r["model"], r["resolution"], r["dtype"]), {})[r["batch"]] = phases
     implied = {}
-    for key, peaks in groups.items():
-        if len(peaks) < 2:
+    for key, by_batch in groups.items():
+        if len(by_batch) < 2:
             continue
-        (b1, p1), (b2, p2) = sorted(peaks.items())[-2:]
-        slope = (p2 - p1) / (b2 - b1)
-        if slope > 0:
-            implied[key] = int((budget - (p1 - slope * b1)) // slope)
+        (b1, ph1), (b2, ph2) = sorted(by_batch.items())[-2:]
+        fits = []
+        for phase in ph1.keys() & ph2.keys():
+            p1, p2 = ph1[phase], ph2[phase]
+            slope = (p2 - p1) / (b2 - b1)
+            if slope > 0:
+                fits.append(int((budget - (p1 - slope * b1)) // slope))
+            elif p2 > budget:
+                fits.append(0)
+        if fits:
+            implied[key] = max(min(fits), 0)
     return implied
 
 

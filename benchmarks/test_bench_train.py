@@ -81,6 +81,18 @@ def test_implied_max_batch_is_a_line_through_the_two_largest_batches():
     assert bench_train.implied_max_batch(rows, budget=100) == {("s", "m", 1, "d"): 30}
 
 
+def test_implied_max_batch_follows_the_phase_that_grows():
+    """The update peaks at batch 1 but hardly grows; the forward grows 3 a sample and limits the batch."""
+    def row(batch, forward, optimizer):
+        return dict(side="s", model="m", resolution=1, dtype="d", status="ok", batch=batch,
+                    peak_live_bytes=max(forward, optimizer),
+                    record=dict(phase_peak_bytes=dict(forward=forward, optimizer=optimizer)))
+
+    rows = [row(1, 5, 10), row(2, 8, 10.5)]
+    assert bench_train.implied_max_batch(rows, budget=100) == {("s", "m", 1, "d"): 32}
+    assert bench_train.implied_max_batch([row(1, 5, 120), row(2, 8, 120)], budget=100) == {("s", "m", 1, "d"): 0}
+
+
 def test_tiny_case_runs_both_sides_and_agrees(tmp_path):
     upstream = os.environ.get("PS3_UPSTREAM_PYTHON")
     case = bench_train.PRESETS["tiny"].cases[1]  # batch 2: one local and one global caption

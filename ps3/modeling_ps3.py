@@ -463,7 +463,7 @@ class PS3VisionEncoder(nn.Module):
         layout = LookLayout.select(probs.chosen, plans, grids)
         # 4. High-res pass: all looks of all images as one packed batch over the low-res cache.
         keep = self._kept_layers() if output_hidden_states else 1
-        high = self._encode_looks(x if batched else images, layout, cache, keep)
+        high = self._encode_looks(pixels, layout, cache, keep)
 
         # 5. Output: each image's looks merged in (scale, raster) order after its low-res tokens.
         key, order = torch.sort(layout.key)

@@ -242,9 +242,9 @@ def sparse_patch_embed_reference(
     for b, (image, sizes) in enumerate(zip(images, resized_sizes)):
         for s, size in enumerate(sizes):
             groups.setdefault((tuple(image.shape), tuple(size)), []).append((b, s))
+    group_images = [sorted({b for b, _ in members}) for members in groups.values()]  # each group's images, in order
     geometry = [[[0, 1, 1, 0]] * num_scales for _ in images]  # per image and scale: offset in its group, H', W', group
-    for g, ((_, (h, w)), members) in enumerate(groups.items()):
-        idx = sorted({b for b, _ in members})
+    for g, (((_, (h, w)), members), idx) in enumerate(zip(groups.items(), group_images)):
         for b, s in members:
             geometry[b][s] = [idx.index(b) * channels * h * w, h, w, g]
     per_token = device_table(geometry, device)[tokens.image, tokens.scale]  # (T, 4)
@@ -255,8 +255,7 @@ def sparse_patch_embed_reference(
     rows, cols = tokens.row.view(-1, 1, 1, 1), tokens.col.view(-1, 1, 1, 1)
     index = (base + c * H * W + (rows * p + i) * W + cols * p + j).flatten(1)  # (T, C*p*p), unfold's order
     patches = None
-    for g, ((_, (h, w)), members) in enumerate(groups.items()):
-        idx = sorted({b for b, _ in members})
+    for g, ((_, (h, w)), idx) in enumerate(zip(groups, group_images)):
         stack = batch if batch is not None and len(idx) == len(images) else torch.stack([images[b] for b in idx])
         resized = F.interpolate(stack.float(), size=(h, w), mode="bicubic", align_corners=False).to(stack.dtype).flatten()
         got = resized[index.clamp(max=resized.numel() - 1)]  # tokens of other groups read a clamped index, then drop

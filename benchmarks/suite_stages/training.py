@@ -2,8 +2,8 @@
 (``benchmarks/bench_train.py``: ground-truth boxes, a prompt from a text tower, gradient
 checkpointing, SigLIP and box-supervision losses, backward, AdamW) with the SO400M vision tower
 in bf16 autocast, batch 8 at PS3-4K 3780 px, this package's and upstream's on the same weights and
-inputs: step time, peak live tensor bytes and the allocator's peak; PS3-1.5K at 1512 px (batch 8),
-then batch 16 at both, when time is left.
+inputs: step time, peak live tensor bytes and the allocator's peak; this package's side alone of
+PS3-1.5K at 1512 px (batch 8), then of batch 16 at both, when time is left.
 
 The text tower has 2 of the trainer's 27 layers (as the CPU preset): its 400M parameters would
 double the host work of building, saving and loading the towers, which the stage's cap cannot
